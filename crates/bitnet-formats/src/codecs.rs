@@ -1,1 +1,341 @@
-//! (being written)
+//! Scalar codecs for the tensor types we read. These are the reference decoders: simple,
+//! obviously correct, and used by the engine to repack ternary weights at load and to read
+//! float matrices (embeddings, heads, norms).
+//!
+//! Layouts (REFERENCE.md section 2):
+//! - I2_S: the flattened tensor in 128-weight blocks of 32 bytes; byte j holds weight j in bits
+//!   7-6, 32+j in 5-4, 64+j in 3-2, 96+j in 1-0; code 0 = -1, 1 = 0, 2 = +1; then an f32 scale.
+//! - TQ2_0: 256-weight blocks of 66 bytes: qs[64], f16 d.
+//! - TQ1_0: 256-weight blocks of 54 bytes: qs[48] (5 trits/byte), qh[4] (4 trits/byte), f16 d.
+//! - Q8_0: 32-weight blocks of 34 bytes: f16 d, i8 qs[32].
+//! - Q6_K: 256-weight blocks of 210 bytes: ql[128], qh[64], i8 scales[16], f16 d.
+
+use crate::bail;
+use crate::error::Result;
+use crate::gguf::GgmlType;
+use half::{bf16, f16};
+
+#[inline]
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+}
+
+#[inline]
+pub fn bf16_at(b: &[u8], i: usize) -> f32 {
+    bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+}
+
+#[inline]
+pub fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+/// The 2-bit I2_S code (0, 1, 2; 3 is invalid) of flattened element `e`.
+#[inline]
+pub fn i2s_code(data: &[u8], e: usize) -> u8 {
+    let (block, j) = (e / 128, e % 128);
+    let byte = data[block * 32 + j % 32];
+    (byte >> (6 - 2 * (j / 32))) & 3
+}
+
+/// The f32 scale stored after the codes of an I2_S tensor of `n` elements.
+pub fn i2s_scale(data: &[u8], n: usize) -> f32 {
+    f32_at(&data[n / 4..n / 4 + 4], 0)
+}
+
+/// Ternary value (-1, 0, +1) of element `e` of one TQ2_0 block, and its code.
+#[inline]
+pub fn tq2_code(block: &[u8], e: usize) -> u8 {
+    (block[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3
+}
+
+/// Trit (0, 1, 2) of element `e` of one TQ1_0 block.
+#[inline]
+pub fn tq1_code(block: &[u8], e: usize) -> u8 {
+    const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+    let (byte, n) = if e < 160 {
+        (block[e % 32], e / 32)
+    } else if e < 240 {
+        (block[32 + (e - 160) % 16], (e - 160) / 16)
+    } else {
+        (block[48 + (e - 240) % 4], (e - 240) / 4)
+    };
+    let q = byte.wrapping_mul(POW3[n]);
+    ((q as u16 * 3) >> 8) as u8
+}
+
+/// Decode one row of a row-blocked or plain float type into f32. `row` holds exactly the bytes
+/// of `out.len()` elements. I2_S is not row-blocked: use [`i2s_code`].
+pub fn dequantize_row(dtype: GgmlType, row: &[u8], out: &mut [f32]) -> Result<()> {
+    let n = out.len();
+    let (bs, bb) = dtype.block();
+    if dtype == GgmlType::I2_S || n as u64 % bs != 0 || row.len() as u64 != n as u64 / bs * bb {
+        bail!("cannot decode a {n}-element row of {dtype} from {} bytes", row.len());
+    }
+    match dtype {
+        GgmlType::F32 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f32_at(row, i)),
+        GgmlType::F16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f16_at(row, i)),
+        GgmlType::BF16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = bf16_at(row, i)),
+        GgmlType::Q8_0 => {
+            for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                for i in 0..32 {
+                    o[i] = blk[2 + i] as i8 as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            for (blk, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+                dequantize_q6k_block(blk, o);
+            }
+        }
+        GgmlType::TQ2_0 => {
+            for (blk, o) in row.chunks_exact(66).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(&blk[64..66], 0);
+                for (e, v) in o.iter_mut().enumerate() {
+                    *v = (tq2_code(blk, e) as f32 - 1.0) * d;
+                }
+            }
+        }
+        GgmlType::TQ1_0 => {
+            for (blk, o) in row.chunks_exact(54).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(&blk[52..54], 0);
+                for (e, v) in o.iter_mut().enumerate() {
+                    *v = (tq1_code(blk, e) as f32 - 1.0) * d;
+                }
+            }
+        }
+        GgmlType::I2_S => unreachable!(),
+    }
+    Ok(())
+}
+
+/// ggml's `dequantize_row_q6_K` for one 256-element block.
+fn dequantize_q6k_block(blk: &[u8], out: &mut [f32]) {
+    let (ql, rest) = blk.split_at(128);
+    let (qh, rest) = rest.split_at(64);
+    let (sc, d) = rest.split_at(16);
+    let d = f16_at(d, 0);
+    for half in 0..2 {
+        let ql = &ql[64 * half..];
+        let qh = &qh[32 * half..];
+        let sc = &sc[8 * half..];
+        let y = &mut out[128 * half..];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            y[l] = d * (sc[is] as i8 as f32) * q1 as f32;
+            y[l + 32] = d * (sc[is + 2] as i8 as f32) * q2 as f32;
+            y[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
+            y[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
+        }
+    }
+}
+
+/// Ternary codes (value + 1: 0, 1, 2) of one row of a ternary-typed tensor, and the scale of
+/// every 256-block for TQ types (one scale for I2_S). `ne0` is the row length.
+pub struct TernaryRow {
+    pub codes: Vec<u8>,
+    /// Distinct non-zero block scales seen in this row (I2_S: its one tensor scale).
+    pub scales: Vec<f32>,
+}
+
+/// Read the codes of row `r` of a ternary tensor (I2_S, TQ2_0 or TQ1_0) into `codes`
+/// (len = ne0), returning the block scales seen. Code 3 in I2_S (never written by any
+/// converter) is an error. TQ1_0 trits above 2 cannot occur.
+pub fn ternary_row(dtype: GgmlType, data: &[u8], ne0: usize, n_total: usize, r: usize, codes: &mut [u8]) -> Result<Vec<f32>> {
+    debug_assert_eq!(codes.len(), ne0);
+    match dtype {
+        GgmlType::I2_S => {
+            let base = r * ne0;
+            for (i, c) in codes.iter_mut().enumerate() {
+                *c = i2s_code(data, base + i);
+                if *c == 3 {
+                    bail!("invalid I2_S code 3 at element {}", base + i);
+                }
+            }
+            Ok(vec![i2s_scale(data, n_total)])
+        }
+        GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
+            let bb = dtype.block().1 as usize;
+            let blocks_per_row = ne0 / 256;
+            let mut scales = Vec::new();
+            for b in 0..blocks_per_row {
+                let blk = &data[(r * blocks_per_row + b) * bb..][..bb];
+                let d = f16_at(&blk[bb - 2..], 0);
+                let mut nonzero = false;
+                for e in 0..256 {
+                    let c = if dtype == GgmlType::TQ2_0 { tq2_code(blk, e) } else { tq1_code(blk, e) };
+                    if c > 2 {
+                        bail!("invalid {dtype} code {c} in block {b} of row {r}");
+                    }
+                    nonzero |= c != 1;
+                    codes[b * 256 + e] = c;
+                }
+                if nonzero && d != 0.0 && !scales.contains(&d) {
+                    scales.push(d);
+                }
+            }
+            Ok(scales)
+        }
+        _ => bail!("{dtype} is not a ternary type"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encoders written from the layout description, independently of the decoders above.
+    fn encode_i2s(vals: &[i8], scale: f32) -> Vec<u8> {
+        let mut out = vec![0u8; vals.len() / 4 + 32];
+        for (e, &v) in vals.iter().enumerate() {
+            let (block, j) = (e / 128, e % 128);
+            out[block * 32 + j % 32] |= ((v + 1) as u8) << (6 - 2 * (j / 32));
+        }
+        let n4 = vals.len() / 4;
+        out[n4..n4 + 4].copy_from_slice(&scale.to_le_bytes());
+        out
+    }
+
+    fn encode_tq2(vals: &[i8], d: f32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in vals.chunks(256) {
+            let mut qs = [0u8; 64];
+            for (e, &v) in blk.iter().enumerate() {
+                qs[(e / 128) * 32 + e % 32] |= ((v + 1) as u8) << (2 * ((e % 128) / 32));
+            }
+            out.extend_from_slice(&qs);
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        }
+        out
+    }
+
+    /// ggml's quantize_row_tq1_0_ref packing, restated: 5 trits per byte as a base-3 number
+    /// scaled to 256/243 (rounded up), most significant trit first.
+    fn encode_tq1(vals: &[i8], d: f32) -> Vec<u8> {
+        let pack = |trits: &[u8]| -> u8 {
+            let mut q: u16 = 0;
+            for &t in trits {
+                q = q * 3 + t as u16;
+            }
+            for _ in trits.len()..5 {
+                q *= 3;
+            }
+            ((q * 256 + 242) / 243) as u8
+        };
+        let mut out = Vec::new();
+        for blk in vals.chunks(256) {
+            let t: Vec<u8> = blk.iter().map(|&v| (v + 1) as u8).collect();
+            let mut bytes = [0u8; 54];
+            for m in 0..32 {
+                bytes[m] = pack(&(0..5).map(|n| t[n * 32 + m]).collect::<Vec<_>>());
+            }
+            for m in 0..16 {
+                bytes[32 + m] = pack(&(0..5).map(|n| t[160 + n * 16 + m]).collect::<Vec<_>>());
+            }
+            for j in 0..4 {
+                bytes[48 + j] = pack(&(0..4).map(|n| t[240 + n * 4 + j]).collect::<Vec<_>>());
+            }
+            bytes[52..54].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out
+    }
+
+    fn pseudo_ternary(n: usize, seed: u32) -> Vec<i8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((s >> 16) % 3) as i8 - 1
+            })
+            .collect()
+    }
+
+    #[test]
+    fn i2s_rows_follow_the_flat_layout_across_row_boundaries() {
+        // Rows of 688: blocks of 128 run straight across rows (REFERENCE.md trap 7).
+        let (ne0, rows) = (688usize, 2usize);
+        let n = ne0 * rows;
+        let n = n.div_ceil(128) * 128; // flattened length must be a multiple of 128
+        let vals = pseudo_ternary(n, 7);
+        let data = encode_i2s(&vals, 0.25);
+        assert_eq!(i2s_scale(&data, n), 0.25);
+        let mut codes = vec![0u8; ne0];
+        for r in 0..rows {
+            let scales = ternary_row(GgmlType::I2_S, &data, ne0, n, r, &mut codes).unwrap();
+            assert_eq!(scales, vec![0.25]);
+            for i in 0..ne0 {
+                assert_eq!(codes[i] as i8 - 1, vals[r * ne0 + i], "row {r} col {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn i2s_code_3_is_rejected() {
+        let mut data = encode_i2s(&[0; 128], 1.0);
+        data[5] = 0xC0 | 0x15;
+        let mut codes = vec![0u8; 128];
+        assert!(ternary_row(GgmlType::I2_S, &data, 128, 128, 0, &mut codes).is_err());
+    }
+
+    #[test]
+    fn tq2_and_tq1_decode_their_encodings() {
+        let vals = pseudo_ternary(512, 3);
+        for (dtype, data) in [(GgmlType::TQ2_0, encode_tq2(&vals, 0.5)), (GgmlType::TQ1_0, encode_tq1(&vals, 0.5))] {
+            let mut out = vec![0f32; 512];
+            dequantize_row(dtype, &data, &mut out).unwrap();
+            for i in 0..512 {
+                assert_eq!(out[i], vals[i] as f32 * 0.5, "{dtype} element {i}");
+            }
+            let mut codes = vec![0u8; 512];
+            let scales = ternary_row(dtype, &data, 512, 512, 0, &mut codes).unwrap();
+            assert_eq!(scales, vec![0.5]);
+        }
+    }
+
+    #[test]
+    fn q8_0_and_floats() {
+        let mut blk = f16::from_f32(0.5).to_le_bytes().to_vec();
+        blk.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let mut out = vec![0f32; 32];
+        dequantize_row(GgmlType::Q8_0, &blk, &mut out).unwrap();
+        assert_eq!(out[0], -8.0);
+        assert_eq!(out[31], 7.5);
+        let bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = vec![0f32; 2];
+        dequantize_row(GgmlType::F32, &bytes, &mut out).unwrap();
+        assert_eq!(out, vec![1.5, -2.0]);
+        assert!(dequantize_row(GgmlType::F32, &bytes[..7], &mut out).is_err());
+    }
+
+    #[test]
+    fn q6_k_decodes_a_hand_built_block() {
+        // All 6-bit quants = 33 (value +1), scales[i] = i + 1, d = 0.5.
+        let mut blk = vec![0u8; 210];
+        for b in &mut blk[..128] {
+            *b = 0x11; // low nibbles 1
+        }
+        for b in &mut blk[128..192] {
+            *b = 0b10_10_10_10; // high 2 bits = 2 -> q = 1 | 32 = 33
+        }
+        for i in 0..16 {
+            blk[192 + i] = (i + 1) as u8;
+        }
+        blk[208..210].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        let mut out = vec![0f32; 256];
+        dequantize_row(GgmlType::Q6_K, &blk, &mut out).unwrap();
+        // Element e uses scale index 8*(e/128) + (e%128)/16 ... per ggml: sc[is + 2k] for l/16.
+        for e in 0..256 {
+            let half = e / 128;
+            let k = (e % 128) / 32;
+            let l = e % 32;
+            let sc = (8 * half + l / 16 + 2 * k + 1) as f32;
+            assert_eq!(out[e], 0.5 * sc, "element {e}");
+        }
+    }
+}

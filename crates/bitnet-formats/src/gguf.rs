@@ -323,7 +323,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let max = self.remaining() / min_elem_bytes.max(1);
         if n > max as u64 {
-            bail!("{what} = {n} is larger than the rest of the file allows ({max})");
+            bail!("{what} = {n} is larger than the rest of the file allows ({max}): truncated or corrupt file");
         }
         Ok(n as usize)
     }
