@@ -1,0 +1,402 @@
+//! The BitNet b1.58 forward pass, in one place (REFERENCE.md section 1):
+//!
+//! ```text
+//! n     = RMSNorm(x) * attn_norm
+//! q,k,v = BitLinear_{q,k,v}(n)                      one activation quantization shared
+//! q,k   = RoPE(q), RoPE(k)
+//! a     = softmax(q k^T / sqrt(head_dim) + causal) v   grouped-query attention
+//! h     = x + BitLinear_o(RMSNorm(a) * attn_sub_norm)  (sub-norm only in BitNet proper)
+//! m     = RMSNorm(h) * ffn_norm
+//! f     = act(BitLinear_gate(m)) * BitLinear_up(m)      act = relu^2 (BitNet) or SiLU (Llama-style)
+//! out   = h + BitLinear_down(RMSNorm(f) * ffn_sub_norm)
+//! ```
+//! then `logits = head . (RMSNorm(x) * output_norm)`.
+//!
+//! A forward call takes a chunk of tokens (the whole prompt at once, or one token while
+//! decoding) and runs every layer over all of them, so each weight row is unpacked once per
+//! chunk. Every position's arithmetic is independent of how the tokens were chunked: the ternary
+//! products are exact integer sums and everything else is per token, so feeding a prompt in
+//! pieces gives bit-identical results.
+
+use crate::config::{Activation, Config, RopeStyle};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{self, BitLinear, Weights};
+use crate::{bail, Result};
+use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
+use bitnet_formats::{gguf, GgufFile};
+use bitnet_kernels::float::{dot_f32, rms_norm, softmax};
+use bitnet_kernels::quant::quantize_row;
+use bitnet_kernels::ternary::{self, padded_len};
+use bitnet_kernels::{Isa, SyncPtr};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest number of tokens pushed through the layers at once; longer prompts are split.
+/// Bounds the scratch memory (about 40 * chunk * n_ff bytes).
+pub const MAX_CHUNK: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf { version: u32 },
+    HuggingFace,
+}
+
+pub struct Model {
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub config: Config,
+    pub weights: Weights,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Problems found while loading that did not stop it (all-zero tensors, ...).
+    pub warnings: Vec<String>,
+    pub isa: Isa,
+    inv_freq: Vec<f32>,
+}
+
+impl Model {
+    /// Load a GGUF file or a Hugging Face model directory; the format is detected from the
+    /// content. Errors name the path.
+    pub fn load(path: &Path) -> Result<Model> {
+        Self::load_inner(path).map_err(|e| if e.message.starts_with(&path.display().to_string()) { e } else { e.context(path.display()) })
+    }
+
+    fn load_inner(path: &Path) -> Result<Model> {
+        let mut warnings = Vec::new();
+        let (format, config, weights, tokenizer) = if is_hf_dir(path) {
+            let d = HfDir::open(path)?;
+            let config = Config::from_hf(&d)?;
+            let weights = weights::load_hf_weights(&d, &config, &mut warnings)?;
+            (ModelFormat::HuggingFace, config, weights, Tokenizer::from_hf_dir(path)?)
+        } else if path.is_file() && gguf::is_gguf(path) {
+            let g = GgufFile::open(path)?;
+            let config = Config::from_gguf(&g)?;
+            let weights = weights::load_gguf_weights(&g, &config, &mut warnings)?;
+            let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() { Some(Tokenizer::from_gguf(&g)?) } else { None };
+            (ModelFormat::Gguf { version: g.version() }, config, weights, tokenizer)
+        } else if path.is_dir() {
+            bail!("a directory without config.json is not a Hugging Face model directory");
+        } else if !path.exists() {
+            bail!("no such file or directory");
+        } else {
+            bail!("not a model: expected a GGUF file or a Hugging Face model directory");
+        };
+        if let Some(t) = &tokenizer {
+            if t.n_vocab() > config.n_vocab {
+                bail!("the tokenizer has {} tokens but the model only {} embedding rows", t.n_vocab(), config.n_vocab);
+            }
+        }
+        let hd = config.head_dim;
+        let inv_freq = (0..hd / 2).map(|i| 1.0f32 / config.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
+        Ok(Model { path: path.to_path_buf(), format, config, weights, tokenizer: tokenizer.map(Arc::new), warnings, isa: Isa::detect(), inv_freq })
+    }
+
+    /// A fresh sequence with room for `n_ctx` tokens (capped at the training context).
+    pub fn new_session(&self, n_ctx: usize) -> Session {
+        let n_ctx = n_ctx.clamp(1, self.config.n_ctx_train);
+        let kv = self.config.n_layer * n_ctx * self.config.kv_dim();
+        Session { n_ctx, pos: 0, tokens: Vec::new(), k_cache: vec![0.0; kv], v_cache: vec![0.0; kv], scratch: Scratch::default(), logits: Vec::new() }
+    }
+
+    /// Run `tokens` at the next positions of the session and return logits: one row of
+    /// `n_vocab` per token when `all_logits`, else only the last token's row.
+    pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], all_logits: bool) -> Result<&'s [f32]> {
+        let v = self.config.n_vocab;
+        if tokens.is_empty() {
+            bail!("no tokens to run");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {bad} is outside the vocabulary (0..{v})");
+        }
+        if s.pos + tokens.len() > s.n_ctx {
+            bail!("{} tokens do not fit in the context: {} already used of {}", tokens.len(), s.pos, s.n_ctx);
+        }
+        s.logits.resize(if all_logits { tokens.len() * v } else { v }, 0.0);
+        for (ci, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
+            let last_chunk = (ci + 1) * MAX_CHUNK >= tokens.len();
+            let out_off = ci * MAX_CHUNK * v;
+            let want = if all_logits { Some(out_off) } else if last_chunk { Some(usize::MAX) } else { None };
+            self.forward_chunk(s, chunk, want);
+        }
+        Ok(&s.logits)
+    }
+
+    /// `want_logits`: None = no logits; Some(usize::MAX) = the last token's row at offset 0;
+    /// Some(off) = every token's row starting at `off`.
+    fn forward_chunk(&self, s: &mut Session, tokens: &[u32], want_logits: Option<usize>) {
+        let c = &self.config;
+        let (e, hd, nt) = (c.n_embd, c.head_dim, tokens.len());
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let p0 = s.pos;
+        let sc = &mut s.scratch;
+        sc.ensure(c, nt);
+
+        // Token embeddings.
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.weights.embed.row(tok as usize, &mut sc.x[t * e..(t + 1) * e]);
+        }
+        // RoPE angles for these positions, shared by every layer and head.
+        let half = hd / 2;
+        for t in 0..nt {
+            for i in 0..half {
+                let angle = (p0 + t) as f32 * self.inv_freq[i];
+                sc.cos[t * half + i] = angle.cos();
+                sc.sin[t * half + i] = angle.sin();
+            }
+        }
+
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            // Attention.
+            for t in 0..nt {
+                rms_norm(&sc.x[t * e..(t + 1) * e], &w.attn_norm, c.rms_eps, &mut sc.xn[t * e..(t + 1) * e]);
+            }
+            sc.acts.quantize(&sc.xn, nt, e);
+            self.bitlinear(&w.wq, &sc.acts, &mut sc.isum, &mut sc.q);
+            self.bitlinear(&w.wk, &sc.acts, &mut sc.isum, &mut sc.k);
+            self.bitlinear(&w.wv, &sc.acts, &mut sc.isum, &mut sc.v);
+            for t in 0..nt {
+                let (cos, sin) = (&sc.cos[t * half..(t + 1) * half], &sc.sin[t * half..(t + 1) * half]);
+                for h in 0..c.n_head {
+                    rope(c.rope_style, &mut sc.q[t * q_dim + h * hd..][..hd], cos, sin);
+                }
+                for h in 0..c.n_head_kv {
+                    rope(c.rope_style, &mut sc.k[t * kv_dim + h * hd..][..hd], cos, sin);
+                }
+            }
+            let layer_off = l * s.n_ctx * kv_dim;
+            s.k_cache[layer_off + p0 * kv_dim..][..nt * kv_dim].copy_from_slice(&sc.k[..nt * kv_dim]);
+            s.v_cache[layer_off + p0 * kv_dim..][..nt * kv_dim].copy_from_slice(&sc.v[..nt * kv_dim]);
+            let kc = &s.k_cache[layer_off..layer_off + s.n_ctx * kv_dim];
+            let vc = &s.v_cache[layer_off..layer_off + s.n_ctx * kv_dim];
+            attention(c, &sc.q, kc, vc, p0, nt, &mut sc.att);
+            if let Some(norm) = &w.attn_sub_norm {
+                for t in 0..nt {
+                    let a = &mut sc.att[t * q_dim..(t + 1) * q_dim];
+                    sc.tmp[..q_dim].copy_from_slice(a);
+                    rms_norm(&sc.tmp[..q_dim], norm, c.rms_eps, a);
+                }
+            }
+            sc.acts.quantize(&sc.att, nt, q_dim);
+            self.bitlinear(&w.wo, &sc.acts, &mut sc.isum, &mut sc.xn);
+            sc.x[..nt * e].iter_mut().zip(&sc.xn).for_each(|(x, o)| *x += o);
+
+            // Feed-forward.
+            for t in 0..nt {
+                rms_norm(&sc.x[t * e..(t + 1) * e], &w.ffn_norm, c.rms_eps, &mut sc.xn[t * e..(t + 1) * e]);
+            }
+            sc.acts.quantize(&sc.xn, nt, e);
+            self.bitlinear(&w.w_gate, &sc.acts, &mut sc.isum, &mut sc.gate);
+            self.bitlinear(&w.w_up, &sc.acts, &mut sc.isum, &mut sc.up);
+            let f = c.n_ff;
+            for (g, u) in sc.gate[..nt * f].iter_mut().zip(&sc.up) {
+                *g = match c.activation {
+                    Activation::Relu2 => {
+                        let r = g.max(0.0);
+                        r * r * u
+                    }
+                    Activation::Silu => *g / (1.0 + (-*g).exp()) * u,
+                };
+            }
+            if let Some(norm) = &w.ffn_sub_norm {
+                for t in 0..nt {
+                    let g = &mut sc.gate[t * f..(t + 1) * f];
+                    sc.up[t * f..(t + 1) * f].copy_from_slice(g);
+                    rms_norm(&sc.up[t * f..(t + 1) * f], norm, c.rms_eps, g);
+                }
+            }
+            sc.acts.quantize(&sc.gate, nt, f);
+            self.bitlinear(&w.w_down, &sc.acts, &mut sc.isum, &mut sc.xn);
+            sc.x[..nt * e].iter_mut().zip(&sc.xn).for_each(|(x, o)| *x += o);
+        }
+
+        s.pos += nt;
+        s.tokens.extend_from_slice(tokens);
+        let Some(off) = want_logits else { return };
+        let (first, off) = if off == usize::MAX { (nt - 1, 0) } else { (0, off) };
+        let rows = nt - first;
+        for t in first..nt {
+            let r = t - first;
+            rms_norm(&sc.x[t * e..(t + 1) * e], &self.weights.output_norm, c.rms_eps, &mut sc.xn[r * e..(r + 1) * e]);
+        }
+        let v = c.n_vocab;
+        self.weights.head().matmul(self.isa, &sc.xn[..rows * e], rows, &mut s.logits[off..off + rows * v]);
+    }
+
+    /// Apply one BitLinear to `nt` rows of f32 input, quantizing them as the forward pass does
+    /// (for per-op tests and tools).
+    pub fn apply_bitlinear(&self, lin: &BitLinear, x: &[f32], nt: usize) -> Vec<f32> {
+        let mut acts = QuantizedActs::default();
+        acts.quantize(x, nt, lin.cols);
+        let (mut isum, mut out) = (Vec::new(), vec![0.0; nt * lin.rows]);
+        self.bitlinear(lin, &acts, &mut isum, &mut out);
+        out
+    }
+
+    /// `out[t, r] = isum[t, r] * beta / s_t` for every token of the quantized input.
+    fn bitlinear(&self, lin: &BitLinear, a: &QuantizedActs, isum: &mut Vec<i32>, out: &mut [f32]) {
+        let nt = a.n_tok;
+        debug_assert_eq!(a.kp, lin.kp());
+        isum.resize(nt * lin.rows, 0);
+        ternary::gemm(self.isa, lin.view(), &a.q, &a.sum, nt, isum);
+        for t in 0..nt {
+            let s = a.scale[t];
+            for (o, &i) in out[t * lin.rows..(t + 1) * lin.rows].iter_mut().zip(&isum[t * lin.rows..(t + 1) * lin.rows]) {
+                *o = i as f32 / s * lin.beta;
+            }
+        }
+    }
+}
+
+/// Rotate one head's vector in place.
+fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    match style {
+        RopeStyle::Neox => {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+        RopeStyle::Adjacent => {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+/// Causal grouped-query attention for `nt` new tokens at positions p0.. over the cache
+/// (which already holds their keys and values). Query head h reads KV head h / (n_head / n_kv).
+fn attention(c: &Config, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, nt: usize, out: &mut [f32]) {
+    let (hd, q_dim, kv_dim) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let group = c.n_head / c.n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    (0..nt * c.n_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, job| {
+        let (t, h) = (job / c.n_head, job % c.n_head);
+        let n_keys = p0 + t + 1;
+        let qh = &q[t * q_dim + h * hd..][..hd];
+        let kvh = (h / group) * hd;
+        scores.clear();
+        scores.extend((0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale));
+        softmax(scores);
+        // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd) };
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
+                *oi += p * vi;
+            }
+        }
+    });
+}
+
+/// int8 activations of several tokens, each row padded to a multiple of 128.
+#[derive(Default)]
+struct QuantizedActs {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    sum: Vec<i32>,
+    n_tok: usize,
+    kp: usize,
+}
+
+impl QuantizedActs {
+    fn quantize(&mut self, x: &[f32], nt: usize, cols: usize) {
+        let kp = padded_len(cols);
+        self.q.resize(nt * kp, 0);
+        self.scale.resize(nt, 0.0);
+        self.sum.resize(nt, 0);
+        for t in 0..nt {
+            let (s, sum) = quantize_row(&x[t * cols..(t + 1) * cols], &mut self.q[t * kp..(t + 1) * kp]);
+            self.scale[t] = s;
+            self.sum[t] = sum;
+        }
+        self.n_tok = nt;
+        self.kp = kp;
+    }
+}
+
+/// Work buffers of a forward pass, grown on first use and then reused (no allocation per token).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    isum: Vec<i32>,
+    acts: QuantizedActs,
+}
+
+impl Scratch {
+    fn ensure(&mut self, c: &Config, nt: usize) {
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0)
+            }
+        };
+        grow(&mut self.x, nt * c.n_embd);
+        grow(&mut self.xn, nt * c.n_embd.max(c.q_dim()));
+        grow(&mut self.q, nt * c.q_dim());
+        grow(&mut self.k, nt * c.kv_dim());
+        grow(&mut self.v, nt * c.kv_dim());
+        grow(&mut self.att, nt * c.q_dim());
+        grow(&mut self.tmp, c.q_dim().max(c.n_embd));
+        grow(&mut self.gate, nt * c.n_ff);
+        grow(&mut self.up, nt * c.n_ff);
+        grow(&mut self.cos, nt * c.head_dim / 2);
+        grow(&mut self.sin, nt * c.head_dim / 2);
+    }
+}
+
+/// One sequence: its KV cache, the tokens it has seen, and reusable buffers.
+pub struct Session {
+    pub n_ctx: usize,
+    pos: usize,
+    tokens: Vec<u32>,
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+    scratch: Scratch,
+    logits: Vec<f32>,
+}
+
+impl Session {
+    /// Number of positions used.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// The tokens in the cache, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forget everything after the first `n` positions (the cache beyond is simply
+    /// overwritten later). Used to reuse a shared prefix.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.pos {
+            self.pos = n;
+            self.tokens.truncate(n);
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("path", &self.path).field("config", &self.config).finish()
+    }
+}
