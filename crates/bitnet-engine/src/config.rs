@@ -95,10 +95,18 @@ impl Config {
             }
         }
         if self.n_layer > 1024 || self.n_head > 4096 {
-            bail!("implausible layer/head count ({} layers, {} heads)", self.n_layer, self.n_head);
+            bail!(
+                "implausible layer/head count ({} layers, {} heads)",
+                self.n_layer,
+                self.n_head
+            );
         }
         if self.n_head % self.n_head_kv != 0 {
-            bail!("head count {} is not a multiple of the KV head count {}", self.n_head, self.n_head_kv);
+            bail!(
+                "head count {} is not a multiple of the KV head count {}",
+                self.n_head,
+                self.n_head_kv
+            );
         }
         if self.head_dim % 2 != 0 {
             bail!("head dimension {} must be even for RoPE", self.head_dim);
@@ -114,7 +122,9 @@ impl Config {
 
     /// From GGUF metadata. `n_vocab` comes from the embedding tensor (the caller checks it).
     pub fn from_gguf(g: &GgufFile) -> Result<Config> {
-        let arch = g.get_str("general.architecture")?.ok_or_else(|| crate::Error::new("missing metadata key \"general.architecture\""))?;
+        let arch = g
+            .get_str("general.architecture")?
+            .ok_or_else(|| crate::Error::new("missing metadata key \"general.architecture\""))?;
         let arch = arch.to_string();
         let (default_act, rope_style, sub_norms) = match arch.as_str() {
             "bitnet-b1.58" | "bitnet-25" => (Activation::Relu2, RopeStyle::Neox, true),
@@ -131,7 +141,9 @@ impl Config {
         let req = |k: &str| -> Result<usize> {
             let full = key(k);
             match g.get_u64(&full)? {
-                Some(v) => usize::try_from(v).map_err(|_| crate::Error::new(format!("metadata key {full:?} = {v} is too large"))),
+                Some(v) => usize::try_from(v).map_err(|_| {
+                    crate::Error::new(format!("metadata key {full:?} = {v} is too large"))
+                }),
                 None => bail!("missing metadata key {full:?}"),
             }
         };
@@ -160,21 +172,36 @@ impl Config {
             }
         }
         let activation = match g.get_str(&key("hidden_activation"))? {
-            Some(s) => Activation::parse(s).ok_or_else(|| crate::Error::new(format!("unknown activation {s:?} in {:?}", key("hidden_activation"))))?,
+            Some(s) => Activation::parse(s).ok_or_else(|| {
+                crate::Error::new(format!(
+                    "unknown activation {s:?} in {:?}",
+                    key("hidden_activation")
+                ))
+            })?,
             None => default_act,
         };
         let has_sub_norm = g.tensor("blk.0.attn_sub_norm.weight").is_some();
         if sub_norms && !has_sub_norm {
-            bail!("missing tensor \"blk.0.attn_sub_norm.weight\" (architecture {arch} has sub-norms)");
+            bail!(
+                "missing tensor \"blk.0.attn_sub_norm.weight\" (architecture {arch} has sub-norms)"
+            );
         }
-        let embd = g.tensor("token_embd.weight").ok_or_else(|| crate::Error::new("missing tensor \"token_embd.weight\""))?;
+        let embd = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| crate::Error::new("missing tensor \"token_embd.weight\""))?;
         if embd.dims.len() != 2 {
-            bail!("tensor \"token_embd.weight\" should have 2 dimensions, has {:?}", embd.dims);
+            bail!(
+                "tensor \"token_embd.weight\" should have 2 dimensions, has {:?}",
+                embd.dims
+            );
         }
         let n_vocab = embd.dims[1] as usize;
         if let Some(v) = g.get_u64(&key("vocab_size"))? {
             if v as usize != n_vocab {
-                bail!("metadata key {:?} = {v} does not match token_embd rows {n_vocab}", key("vocab_size"));
+                bail!(
+                    "metadata key {:?} = {v} does not match token_embd rows {n_vocab}",
+                    key("vocab_size")
+                );
             }
         }
         let cfg = Config {
@@ -188,7 +215,9 @@ impl Config {
             n_ctx_train: req("context_length")?,
             rope_theta: g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
             rope_style,
-            rms_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
+            rms_eps: g
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5) as f32,
             activation,
             sub_norms,
             tied_head: g.tensor("output.weight").is_none(),
@@ -204,7 +233,9 @@ impl Config {
         let (sub_norms, default_act) = match model_type.as_str() {
             "bitnet" => (true, Activation::Relu2),
             "llama" => (false, Activation::Silu),
-            other => bail!("model_type {other:?} is not supported (expected \"bitnet\" or \"llama\")"),
+            other => {
+                bail!("model_type {other:?} is not supported (expected \"bitnet\" or \"llama\")")
+            }
         };
         let req = |k: &str| -> Result<usize> {
             match d.config_u64(k)? {
@@ -218,16 +249,30 @@ impl Config {
             bail!("config.json: num_attention_heads is 0");
         }
         let activation = match d.config_str("hidden_act")? {
-            Some(s) => Activation::parse(s).ok_or_else(|| crate::Error::new(format!("config.json: unknown hidden_act {s:?}")))?,
+            Some(s) => Activation::parse(s).ok_or_else(|| {
+                crate::Error::new(format!("config.json: unknown hidden_act {s:?}"))
+            })?,
             None => default_act,
         };
         let rope_theta = match d.config_f64("rope_theta")? {
             Some(t) => t,
-            None => d.config.get("rope_parameters").and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).unwrap_or(10000.0),
+            None => d
+                .config
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+                .unwrap_or(10000.0),
         };
         if let Some(scaling) = d.config.get("rope_scaling").filter(|v| !v.is_null()) {
-            let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("");
-            let factor = scaling.get("factor").and_then(|f| f.as_f64()).unwrap_or(1.0);
+            let ty = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("");
+            let factor = scaling
+                .get("factor")
+                .and_then(|f| f.as_f64())
+                .unwrap_or(1.0);
             if !(ty == "default" || (ty == "linear" && factor == 1.0)) {
                 bail!("config.json: rope_scaling {scaling} is not supported");
             }
@@ -242,17 +287,24 @@ impl Config {
             n_ff: req("intermediate_size")?,
             n_layer: req("num_hidden_layers")?,
             n_head,
-            n_head_kv: d.config_u64("num_key_value_heads")?.map(|v| v as usize).unwrap_or(n_head),
+            n_head_kv: d
+                .config_u64("num_key_value_heads")?
+                .map(|v| v as usize)
+                .unwrap_or(n_head),
             head_dim,
             n_vocab: req("vocab_size")?,
-            n_ctx_train: d.config_u64("max_position_embeddings")?.map(|v| v as usize).unwrap_or(2048),
+            n_ctx_train: d
+                .config_u64("max_position_embeddings")?
+                .map(|v| v as usize)
+                .unwrap_or(2048),
             rope_theta: rope_theta as f32,
             rope_style: RopeStyle::Neox,
             rms_eps: d.config_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             activation,
             sub_norms,
             // transformers ties when asked; without a head tensor it falls back to the embedding.
-            tied_head: d.config_bool("tie_word_embeddings")?.unwrap_or(false) || d.tensor("lm_head.weight").is_none(),
+            tied_head: d.config_bool("tie_word_embeddings")?.unwrap_or(false)
+                || d.tensor("lm_head.weight").is_none(),
         };
         cfg.validate()?;
         Ok(cfg)

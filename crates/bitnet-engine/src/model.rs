@@ -58,7 +58,13 @@ impl Model {
     /// Load a GGUF file or a Hugging Face model directory; the format is detected from the
     /// content. Errors name the path.
     pub fn load(path: &Path) -> Result<Model> {
-        Self::load_inner(path).map_err(|e| if e.message.starts_with(&path.display().to_string()) { e } else { e.context(path.display()) })
+        Self::load_inner(path).map_err(|e| {
+            if e.message.starts_with(&path.display().to_string()) {
+                e
+            } else {
+                e.context(path.display())
+            }
+        })
     }
 
     fn load_inner(path: &Path) -> Result<Model> {
@@ -67,13 +73,29 @@ impl Model {
             let d = HfDir::open(path)?;
             let config = Config::from_hf(&d)?;
             let weights = weights::load_hf_weights(&d, &config, &mut warnings)?;
-            (ModelFormat::HuggingFace, config, weights, Tokenizer::from_hf_dir(path)?)
+            (
+                ModelFormat::HuggingFace,
+                config,
+                weights,
+                Tokenizer::from_hf_dir(path)?,
+            )
         } else if path.is_file() && gguf::is_gguf(path) {
             let g = GgufFile::open(path)?;
             let config = Config::from_gguf(&g)?;
             let weights = weights::load_gguf_weights(&g, &config, &mut warnings)?;
-            let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() { Some(Tokenizer::from_gguf(&g)?) } else { None };
-            (ModelFormat::Gguf { version: g.version() }, config, weights, tokenizer)
+            let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() {
+                Some(Tokenizer::from_gguf(&g)?)
+            } else {
+                None
+            };
+            (
+                ModelFormat::Gguf {
+                    version: g.version(),
+                },
+                config,
+                weights,
+                tokenizer,
+            )
         } else if path.is_dir() {
             bail!("a directory without config.json is not a Hugging Face model directory");
         } else if !path.exists() {
@@ -83,24 +105,52 @@ impl Model {
         };
         if let Some(t) = &tokenizer {
             if t.n_vocab() > config.n_vocab {
-                bail!("the tokenizer has {} tokens but the model only {} embedding rows", t.n_vocab(), config.n_vocab);
+                bail!(
+                    "the tokenizer has {} tokens but the model only {} embedding rows",
+                    t.n_vocab(),
+                    config.n_vocab
+                );
             }
         }
         let hd = config.head_dim;
-        let inv_freq = (0..hd / 2).map(|i| 1.0f32 / config.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
-        Ok(Model { path: path.to_path_buf(), format, config, weights, tokenizer: tokenizer.map(Arc::new), warnings, isa: Isa::detect(), inv_freq })
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0f32 / config.rope_theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        Ok(Model {
+            path: path.to_path_buf(),
+            format,
+            config,
+            weights,
+            tokenizer: tokenizer.map(Arc::new),
+            warnings,
+            isa: Isa::detect(),
+            inv_freq,
+        })
     }
 
     /// A fresh sequence with room for `n_ctx` tokens (capped at the training context).
     pub fn new_session(&self, n_ctx: usize) -> Session {
         let n_ctx = n_ctx.clamp(1, self.config.n_ctx_train);
         let kv = self.config.n_layer * n_ctx * self.config.kv_dim();
-        Session { n_ctx, pos: 0, tokens: Vec::new(), k_cache: vec![0.0; kv], v_cache: vec![0.0; kv], scratch: Scratch::default(), logits: Vec::new() }
+        Session {
+            n_ctx,
+            pos: 0,
+            tokens: Vec::new(),
+            k_cache: vec![0.0; kv],
+            v_cache: vec![0.0; kv],
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+        }
     }
 
     /// Run `tokens` at the next positions of the session and return logits: one row of
     /// `n_vocab` per token when `all_logits`, else only the last token's row.
-    pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], all_logits: bool) -> Result<&'s [f32]> {
+    pub fn forward<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<&'s [f32]> {
         let v = self.config.n_vocab;
         if tokens.is_empty() {
             bail!("no tokens to run");
@@ -109,13 +159,25 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary (0..{v})");
         }
         if s.pos + tokens.len() > s.n_ctx {
-            bail!("{} tokens do not fit in the context: {} already used of {}", tokens.len(), s.pos, s.n_ctx);
+            bail!(
+                "{} tokens do not fit in the context: {} already used of {}",
+                tokens.len(),
+                s.pos,
+                s.n_ctx
+            );
         }
-        s.logits.resize(if all_logits { tokens.len() * v } else { v }, 0.0);
+        s.logits
+            .resize(if all_logits { tokens.len() * v } else { v }, 0.0);
         for (ci, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
             let last_chunk = (ci + 1) * MAX_CHUNK >= tokens.len();
             let out_off = ci * MAX_CHUNK * v;
-            let want = if all_logits { Some(out_off) } else if last_chunk { Some(usize::MAX) } else { None };
+            let want = if all_logits {
+                Some(out_off)
+            } else if last_chunk {
+                Some(usize::MAX)
+            } else {
+                None
+            };
             self.forward_chunk(s, chunk, want);
         }
         Ok(&s.logits)
@@ -133,7 +195,9 @@ impl Model {
 
         // Token embeddings.
         for (t, &tok) in tokens.iter().enumerate() {
-            self.weights.embed.row(tok as usize, &mut sc.x[t * e..(t + 1) * e]);
+            self.weights
+                .embed
+                .row(tok as usize, &mut sc.x[t * e..(t + 1) * e]);
         }
         // RoPE angles for these positions, shared by every layer and head.
         let half = hd / 2;
@@ -148,24 +212,44 @@ impl Model {
         for (l, w) in self.weights.layers.iter().enumerate() {
             // Attention.
             for t in 0..nt {
-                rms_norm(&sc.x[t * e..(t + 1) * e], &w.attn_norm, c.rms_eps, &mut sc.xn[t * e..(t + 1) * e]);
+                rms_norm(
+                    &sc.x[t * e..(t + 1) * e],
+                    &w.attn_norm,
+                    c.rms_eps,
+                    &mut sc.xn[t * e..(t + 1) * e],
+                );
             }
             sc.acts.quantize(&sc.xn, nt, e);
             self.bitlinear(&w.wq, &sc.acts, &mut sc.isum, &mut sc.q);
             self.bitlinear(&w.wk, &sc.acts, &mut sc.isum, &mut sc.k);
             self.bitlinear(&w.wv, &sc.acts, &mut sc.isum, &mut sc.v);
             for t in 0..nt {
-                let (cos, sin) = (&sc.cos[t * half..(t + 1) * half], &sc.sin[t * half..(t + 1) * half]);
+                let (cos, sin) = (
+                    &sc.cos[t * half..(t + 1) * half],
+                    &sc.sin[t * half..(t + 1) * half],
+                );
                 for h in 0..c.n_head {
-                    rope(c.rope_style, &mut sc.q[t * q_dim + h * hd..][..hd], cos, sin);
+                    rope(
+                        c.rope_style,
+                        &mut sc.q[t * q_dim + h * hd..][..hd],
+                        cos,
+                        sin,
+                    );
                 }
                 for h in 0..c.n_head_kv {
-                    rope(c.rope_style, &mut sc.k[t * kv_dim + h * hd..][..hd], cos, sin);
+                    rope(
+                        c.rope_style,
+                        &mut sc.k[t * kv_dim + h * hd..][..hd],
+                        cos,
+                        sin,
+                    );
                 }
             }
             let layer_off = l * s.n_ctx * kv_dim;
-            s.k_cache[layer_off + p0 * kv_dim..][..nt * kv_dim].copy_from_slice(&sc.k[..nt * kv_dim]);
-            s.v_cache[layer_off + p0 * kv_dim..][..nt * kv_dim].copy_from_slice(&sc.v[..nt * kv_dim]);
+            s.k_cache[layer_off + p0 * kv_dim..][..nt * kv_dim]
+                .copy_from_slice(&sc.k[..nt * kv_dim]);
+            s.v_cache[layer_off + p0 * kv_dim..][..nt * kv_dim]
+                .copy_from_slice(&sc.v[..nt * kv_dim]);
             let kc = &s.k_cache[layer_off..layer_off + s.n_ctx * kv_dim];
             let vc = &s.v_cache[layer_off..layer_off + s.n_ctx * kv_dim];
             attention(c, &sc.q, kc, vc, p0, nt, &mut sc.att);
@@ -178,11 +262,19 @@ impl Model {
             }
             sc.acts.quantize(&sc.att, nt, q_dim);
             self.bitlinear(&w.wo, &sc.acts, &mut sc.isum, &mut sc.xn);
-            sc.x[..nt * e].iter_mut().zip(&sc.xn).for_each(|(x, o)| *x += o);
+            sc.x[..nt * e]
+                .iter_mut()
+                .zip(&sc.xn)
+                .for_each(|(x, o)| *x += o);
 
             // Feed-forward.
             for t in 0..nt {
-                rms_norm(&sc.x[t * e..(t + 1) * e], &w.ffn_norm, c.rms_eps, &mut sc.xn[t * e..(t + 1) * e]);
+                rms_norm(
+                    &sc.x[t * e..(t + 1) * e],
+                    &w.ffn_norm,
+                    c.rms_eps,
+                    &mut sc.xn[t * e..(t + 1) * e],
+                );
             }
             sc.acts.quantize(&sc.xn, nt, e);
             self.bitlinear(&w.w_gate, &sc.acts, &mut sc.isum, &mut sc.gate);
@@ -206,20 +298,37 @@ impl Model {
             }
             sc.acts.quantize(&sc.gate, nt, f);
             self.bitlinear(&w.w_down, &sc.acts, &mut sc.isum, &mut sc.xn);
-            sc.x[..nt * e].iter_mut().zip(&sc.xn).for_each(|(x, o)| *x += o);
+            sc.x[..nt * e]
+                .iter_mut()
+                .zip(&sc.xn)
+                .for_each(|(x, o)| *x += o);
         }
 
         s.pos += nt;
         s.tokens.extend_from_slice(tokens);
         let Some(off) = want_logits else { return };
-        let (first, off) = if off == usize::MAX { (nt - 1, 0) } else { (0, off) };
+        let (first, off) = if off == usize::MAX {
+            (nt - 1, 0)
+        } else {
+            (0, off)
+        };
         let rows = nt - first;
         for t in first..nt {
             let r = t - first;
-            rms_norm(&sc.x[t * e..(t + 1) * e], &self.weights.output_norm, c.rms_eps, &mut sc.xn[r * e..(r + 1) * e]);
+            rms_norm(
+                &sc.x[t * e..(t + 1) * e],
+                &self.weights.output_norm,
+                c.rms_eps,
+                &mut sc.xn[r * e..(r + 1) * e],
+            );
         }
         let v = c.n_vocab;
-        self.weights.head().matmul(self.isa, &sc.xn[..rows * e], rows, &mut s.logits[off..off + rows * v]);
+        self.weights.head().matmul(
+            self.isa,
+            &sc.xn[..rows * e],
+            rows,
+            &mut s.logits[off..off + rows * v],
+        );
     }
 
     /// Apply one BitLinear to `nt` rows of f32 input, quantizing them as the forward pass does
@@ -240,7 +349,10 @@ impl Model {
         ternary::gemm(self.isa, lin.view(), &a.q, &a.sum, nt, isum);
         for t in 0..nt {
             let s = a.scale[t];
-            for (o, &i) in out[t * lin.rows..(t + 1) * lin.rows].iter_mut().zip(&isum[t * lin.rows..(t + 1) * lin.rows]) {
+            for (o, &i) in out[t * lin.rows..(t + 1) * lin.rows]
+                .iter_mut()
+                .zip(&isum[t * lin.rows..(t + 1) * lin.rows])
+            {
                 *o = i as f32 / s * lin.beta;
             }
         }
@@ -275,23 +387,27 @@ fn attention(c: &Config, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, nt: usize
     let group = c.n_head / c.n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    (0..nt * c.n_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, job| {
-        let (t, h) = (job / c.n_head, job % c.n_head);
-        let n_keys = p0 + t + 1;
-        let qh = &q[t * q_dim + h * hd..][..hd];
-        let kvh = (h / group) * hd;
-        scores.clear();
-        scores.extend((0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale));
-        softmax(scores);
-        // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd) };
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
-                *oi += p * vi;
+    (0..nt * c.n_head)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, job| {
+            let (t, h) = (job / c.n_head, job % c.n_head);
+            let n_keys = p0 + t + 1;
+            let qh = &q[t * q_dim + h * hd..][..hd];
+            let kvh = (h / group) * hd;
+            scores.clear();
+            scores.extend((0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale));
+            softmax(scores);
+            // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd)
+            };
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
+                    *oi += p * vi;
+                }
             }
-        }
-    });
+        });
 }
 
 /// int8 activations of several tokens, each row padded to a multiple of 128.
@@ -311,7 +427,10 @@ impl QuantizedActs {
         self.scale.resize(nt, 0.0);
         self.sum.resize(nt, 0);
         for t in 0..nt {
-            let (s, sum) = quantize_row(&x[t * cols..(t + 1) * cols], &mut self.q[t * kp..(t + 1) * kp]);
+            let (s, sum) = quantize_row(
+                &x[t * cols..(t + 1) * cols],
+                &mut self.q[t * kp..(t + 1) * kp],
+            );
             self.scale[t] = s;
             self.sum[t] = sum;
         }
@@ -397,6 +516,9 @@ impl Session {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("path", &self.path).field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("config", &self.config)
+            .finish()
     }
 }

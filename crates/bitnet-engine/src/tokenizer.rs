@@ -98,16 +98,18 @@ fn unicode_to_byte_table() -> [i16; 324] {
     table
 }
 
-/// The raw bytes of a byte-level BPE token string (chars outside the GPT-2 byte alphabet are
-/// kept as their UTF-8 bytes).
+/// The raw bytes of a byte-level BPE token string. Like the `tokenizers` ByteLevel decoder, a
+/// token with a char outside the GPT-2 byte alphabet is kept as its UTF-8 text.
 fn byte_level_bytes(table: &[i16; 324], s: &str, out: &mut Vec<u8>) {
+    let start = out.len();
     for c in s.chars() {
-        let code = c as usize;
-        if code < table.len() && table[code] >= 0 {
-            out.push(table[code] as u8);
-        } else {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        match table.get(c as usize) {
+            Some(&b) if b >= 0 => out.push(b as u8),
+            _ => {
+                out.truncate(start);
+                out.extend_from_slice(s.as_bytes());
+                return;
+            }
         }
     }
 }
@@ -130,6 +132,32 @@ fn sentencepiece_bytes(s: &str, out: &mut Vec<u8>) {
             out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
         }
     }
+}
+
+/// Split a GGUF merge "a b" at the first space after the first character (like llama.cpp).
+fn split_merge(m: &str) -> Option<(&str, &str)> {
+    let (p, _) = m.char_indices().skip(1).find(|&(_, c)| c == ' ')?;
+    Some((&m[..p], &m[p + 1..]))
+}
+
+/// The first merge that refers to a string that is not a token, as an error message.
+fn bad_merge(tokens: &[&str], merges: &[&str]) -> Option<String> {
+    let vocab: std::collections::HashSet<&str> = tokens.iter().copied().collect();
+    let mut joined = String::new();
+    for (i, m) in merges.iter().enumerate() {
+        let (a, b) = split_merge(m)?;
+        joined.clear();
+        joined.push_str(a);
+        joined.push_str(b);
+        for part in [a, b, joined.as_str()] {
+            if !vocab.contains(part) {
+                return Some(format!(
+                    "tokenizer.ggml.merges[{i}] = {m:?} refers to {part:?}, which is not in tokenizer.ggml.tokens"
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn hf_err(ctx: &str, e: impl std::fmt::Display) -> Error {
@@ -271,34 +299,25 @@ impl Tokenizer {
         // Vocabulary (a duplicated string keeps its last id, like llama.cpp).
         let mut vocab = Vocab::default();
         vocab.reserve(n);
+        let mut max_len = 0;
         for (i, t) in tokens.iter().enumerate() {
+            max_len = max_len.max(t.len());
             vocab.insert((*t).to_string(), i as u32);
         }
 
-        // Merges: "a b", split at the first space after the first character (like llama.cpp);
-        // both halves and their concatenation must be tokens (the BPE builder would otherwise
-        // fail, or panic on a concatenation longer than every token).
+        // Merges: "a b", split at the first space after the first character (like llama.cpp).
+        // The BPE builder checks that both halves and their concatenation are tokens (the
+        // detailed message comes from `bad_merge` below), but it would panic on a concatenation
+        // longer than every token, so that is checked here.
         let mut merges = Vec::with_capacity(merges_raw.len());
-        let mut joined = String::new();
         for (i, m) in merges_raw.iter().enumerate() {
-            let split = m
-                .char_indices()
-                .skip(1)
-                .find(|&(_, c)| c == ' ')
-                .map(|(p, _)| p);
-            let Some(p) = split else {
+            let Some((a, b)) = split_merge(m) else {
                 bail!("tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space");
             };
-            let (a, b) = (&m[..p], &m[p + 1..]);
-            joined.clear();
-            joined.push_str(a);
-            joined.push_str(b);
-            for part in [a, b, joined.as_str()] {
-                if !vocab.contains_key(part) {
-                    bail!(
-                        "tokenizer.ggml.merges[{i}] = {m:?} refers to {part:?}, which is not in tokenizer.ggml.tokens"
-                    );
-                }
+            if a.len() + b.len() > max_len {
+                bail!(
+                    "tokenizer.ggml.merges[{i}] = {m:?} refers to \"{a}{b}\", which is not in tokenizer.ggml.tokens"
+                );
             }
             merges.push((a.to_string(), b.to_string()));
         }
@@ -325,7 +344,10 @@ impl Tokenizer {
             .vocab_and_merges(vocab, merges)
             .ignore_merges(true)
             .build()
-            .map_err(|e| hf_err("building the BPE model", e))?;
+            .map_err(|e| match bad_merge(&tokens, &merges_raw) {
+                Some(msg) => Error::new(msg),
+                None => hf_err("building the BPE model", e),
+            })?;
         let mut hf = tokenizers::Tokenizer::new(bpe);
         hf.with_pre_tokenizer(Some(llama3_pre_tokenizer()?));
         hf.with_decoder(Some(DecoderWrapper::from(ByteLevel::default())));
@@ -439,10 +461,12 @@ impl Tokenizer {
         offsets.push(0);
         for (i, t) in text_of.iter().enumerate() {
             if let Some(t) = t {
-                if text_is_raw[i] {
-                    bytes.extend_from_slice(t.as_bytes());
-                } else if byte_level {
+                // Added tokens go through the ByteLevel decoder too in `tokenizers`
+                // ("<|eot_id|>" maps to itself; a raw "\n" is not in the alphabet and stays).
+                if byte_level {
                     byte_level_bytes(&table, t, &mut bytes);
+                } else if text_is_raw[i] {
+                    bytes.extend_from_slice(t.as_bytes());
                 } else {
                     sentencepiece_bytes(t, &mut bytes);
                 }
@@ -619,7 +643,7 @@ impl StreamDecoder {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    // SAFETY-free: from_utf8 just validated this prefix.
+                    // This prefix was just validated by from_utf8.
                     if let Ok(s) = std::str::from_utf8(&self.pending[start..start + valid]) {
                         out.push_str(s);
                     }
@@ -707,6 +731,21 @@ mod tests {
         assert_eq!(t['Ġ' as usize], b' ' as i16);
         assert_eq!(t['Ċ' as usize], b'\n' as i16);
         assert_eq!(t['!' as usize], b'!' as i16);
+        let bl = |s: &str| {
+            let mut v = b"x".to_vec();
+            byte_level_bytes(&t, s, &mut v);
+            v[1..].to_vec()
+        };
+        assert_eq!(bl("Ġworld"), b" world");
+        assert_eq!(bl("Ã©"), "é".as_bytes());
+        assert_eq!(bl("<|eot_id|>"), b"<|eot_id|>");
+        assert_eq!(bl("\n"), b"\n");
+        assert_eq!(bl("Ġ日本"), "Ġ日本".as_bytes());
+        let mut v = Vec::new();
+        sentencepiece_bytes("<0x0A>", &mut v);
+        sentencepiece_bytes("\u{2581}the", &mut v);
+        sentencepiece_bytes("<0xZZ>", &mut v);
+        assert_eq!(v, b"\n the<0xZZ>");
     }
 
     // ---- 1. Llama 3 golden cases ----
@@ -1154,7 +1193,7 @@ mod tests {
         let good = writer_with(&toks, &["a b", "Ġ a"]);
         let t = load(&good, &dir, "good").unwrap();
         assert_eq!(t.encode("ab a", false).unwrap(), vec![2, 4]);
-        assert_eq!(t.add_bos(), false);
+        assert!(!t.add_bos());
         assert_eq!(t.stop_ids(), vec![5]);
         assert!(!t.is_special(5));
 
@@ -1207,9 +1246,18 @@ mod tests {
         );
         err(&w, "types-str", "token_type");
 
-        for (i, m) in ["ab", "a c", "b a", "ab ab", "Ġa Ġa", " a", "a "]
-            .iter()
-            .enumerate()
+        for (i, m) in [
+            "ab",
+            "a c",
+            "b a",
+            "ab ab",
+            "Ġa Ġa",
+            " a",
+            "a ",
+            "<|eot_id|> <|eot_id|>",
+        ]
+        .iter()
+        .enumerate()
         {
             let w = writer_with(&toks, &["a b", m]);
             err(&w, &format!("merge{i}"), "tokenizer.ggml.merges[1]");

@@ -91,15 +91,38 @@ pub struct FloatMatrix {
 }
 
 impl FloatMatrix {
-    pub fn new(name: String, rows: usize, cols: usize, dtype: GgmlType, data: Bytes) -> Result<FloatMatrix> {
-        if !matches!(dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q6_K) {
+    pub fn new(
+        name: String,
+        rows: usize,
+        cols: usize,
+        dtype: GgmlType,
+        data: Bytes,
+    ) -> Result<FloatMatrix> {
+        if !matches!(
+            dtype,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q6_K
+        ) {
             bail!("tensor {name:?}: type {dtype} is not supported for an embedding or output head");
         }
-        let row_bytes = dtype.data_size(cols as u64, cols as u64).map_err(|e| Error::from(e).context(format!("tensor {name:?}")))? as usize;
+        let row_bytes = dtype
+            .data_size(cols as u64, cols as u64)
+            .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?
+            as usize;
         if data.len() != rows * row_bytes {
-            bail!("tensor {name:?}: expected {} bytes, found {}", rows * row_bytes, data.len());
+            bail!(
+                "tensor {name:?}: expected {} bytes, found {}",
+                rows * row_bytes,
+                data.len()
+            );
         }
-        Ok(FloatMatrix { name, rows, cols, dtype, data, row_bytes })
+        Ok(FloatMatrix {
+            name,
+            rows,
+            cols,
+            dtype,
+            data,
+            row_bytes,
+        })
     }
 
     fn row_bytes(&self, r: usize) -> &[u8] {
@@ -108,13 +131,16 @@ impl FloatMatrix {
 
     /// Decode row r (an embedding lookup).
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        codecs::dequantize_row(self.dtype, self.row_bytes(r), out).expect("row size checked at load");
+        codecs::dequantize_row(self.dtype, self.row_bytes(r), out)
+            .expect("row size checked at load");
     }
 
     /// `out[t * rows + r] = row_r . x_t` for `n_tok` inputs of `cols` values (the output head).
     pub fn matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
         match self.dtype {
-            GgmlType::F16 => par_rows(self.rows, n_tok, self.cols, x, out, |r, xt| dot_f16(isa, self.row_bytes(r), xt)),
+            GgmlType::F16 => par_rows(self.rows, n_tok, self.cols, x, out, |r, xt| {
+                dot_f16(isa, self.row_bytes(r), xt)
+            }),
             _ => {
                 // Decode the row into a per-thread buffer, then dot. Used for F32/BF16/Q8_0/Q6_K.
                 thread_local! {
@@ -162,7 +188,9 @@ impl Weights {
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &BitLinear> {
-        self.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
     }
 }
 
@@ -174,14 +202,16 @@ where
 {
     let rb = padded_len(cols) / 4;
     let mut out = vec![0u8; rows * rb];
-    out.par_chunks_mut(rb.max(1)).enumerate().try_for_each_init(
-        || vec![0u8; cols],
-        |codes, (r, dst)| {
-            row_codes(r, codes)?;
-            ternary::pack_row(codes, dst);
-            Ok::<(), Error>(())
-        },
-    )?;
+    out.par_chunks_mut(rb.max(1))
+        .enumerate()
+        .try_for_each_init(
+            || vec![0u8; cols],
+            |codes, (r, dst)| {
+                row_codes(r, codes)?;
+                ternary::pack_row(codes, dst);
+                Ok::<(), Error>(())
+            },
+        )?;
     Ok(out)
 }
 
@@ -190,7 +220,14 @@ where
 /// ternary after all we fall back to absmean and warn. Otherwise (master weights) absmean, as
 /// transformers' `WeightQuant`: beta = mean|w| (clamped at 1e-5), codes = clamp(round(w *
 /// f32(1/beta)), -1, 1), and the effective scale is 1 / f32(1/beta).
-fn ternarize_floats<F>(name: &str, rows: usize, cols: usize, exact_ternary: bool, read_row: F, warnings: &mut Vec<String>) -> Result<(Vec<u8>, f32, String)>
+fn ternarize_floats<F>(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    exact_ternary: bool,
+    read_row: F,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<u8>, f32, String)>
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
@@ -205,7 +242,10 @@ where
         }
         (sum, max)
     };
-    let (sum, max) = (0..rows).into_par_iter().map(row_stats).reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1.max(b.1)));
+    let (sum, max) = (0..rows)
+        .into_par_iter()
+        .map(row_stats)
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1.max(b.1)));
     if !sum.is_finite() || !max.is_finite() {
         bail!("tensor {name:?} contains NaN or infinite values");
     }
@@ -220,7 +260,13 @@ where
                 let mut buf = vec![0f32; cols];
                 read_row(r, &mut buf);
                 for (c, v) in codes.iter_mut().zip(&buf) {
-                    *c = if *v == 0.0 { 1 } else if *v > 0.0 { 2 } else { 0 };
+                    *c = if *v == 0.0 {
+                        1
+                    } else if *v > 0.0 {
+                        2
+                    } else {
+                        0
+                    };
                 }
                 Ok(())
             })?;
@@ -245,7 +291,8 @@ where
 // GGUF
 
 fn gguf_tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
-    g.tensor(name).ok_or_else(|| Error::new(format!("missing tensor {name:?}")))
+    g.tensor(name)
+        .ok_or_else(|| Error::new(format!("missing tensor {name:?}")))
 }
 
 fn check_dims(name: &str, got: &[u64], want: &[usize]) -> Result<()> {
@@ -256,7 +303,13 @@ fn check_dims(name: &str, got: &[u64], want: &[usize]) -> Result<()> {
 }
 
 /// A BitLinear slot of a GGUF file: `cols` inputs, `rows` outputs (GGUF dims `[cols, rows]`).
-fn gguf_linear(g: &GgufFile, name: &str, rows: usize, cols: usize, warnings: &mut Vec<String>) -> Result<BitLinear> {
+fn gguf_linear(
+    g: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    warnings: &mut Vec<String>,
+) -> Result<BitLinear> {
     let t = gguf_tensor(g, name)?;
     check_dims(name, &t.dims, &[cols, rows])?;
     let data = g.tensor_data(t);
@@ -265,16 +318,24 @@ fn gguf_linear(g: &GgufFile, name: &str, rows: usize, cols: usize, warnings: &mu
         GgmlType::I2_S if cols % ternary::BLOCK == 0 => {
             // Rows are whole blocks: the file layout is the runtime layout. Only validate.
             let codes = &data[..n / 4];
-            if codes.par_chunks(4096).any(|c| c.iter().any(|&b| b & (b >> 1) & 0x55 != 0)) {
+            if codes
+                .par_chunks(4096)
+                .any(|c| c.iter().any(|&b| b & (b >> 1) & 0x55 != 0))
+            {
                 bail!("tensor {name:?} contains the invalid I2_S code 3");
             }
             let range = t.offset as usize..t.offset as usize + n / 4;
-            (Bytes::Mapped(g.map(), range), codecs::i2s_scale(data, n), "I2_S".to_string())
+            (
+                Bytes::Mapped(g.map(), range),
+                codecs::i2s_scale(data, n),
+                "I2_S".to_string(),
+            )
         }
         GgmlType::I2_S | GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
             let scales = std::sync::Mutex::new(Vec::<f32>::new());
             let packed = pack_rows(rows, cols, |r, codes| {
-                let s = ternary_row(t.dtype, data, cols, n, r, codes).map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
+                let s = ternary_row(t.dtype, data, cols, n, r, codes)
+                    .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
                 let mut all = scales.lock().unwrap();
                 for v in s {
                     if !all.contains(&v) {
@@ -295,7 +356,8 @@ fn gguf_linear(g: &GgufFile, name: &str, rows: usize, cols: usize, warnings: &mu
             let dtype = t.dtype;
             let row_bytes = cols * if dtype == GgmlType::F32 { 4 } else { 2 };
             let read = |r: usize, out: &mut [f32]| {
-                codecs::dequantize_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], out).expect("sizes checked");
+                codecs::dequantize_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], out)
+                    .expect("sizes checked");
             };
             let (packed, beta, how) = ternarize_floats(name, rows, cols, true, read, warnings)?;
             (Bytes::Owned(packed), beta, format!("{dtype} {how}"))
@@ -306,11 +368,22 @@ fn gguf_linear(g: &GgufFile, name: &str, rows: usize, cols: usize, warnings: &mu
     let scale_name = name.replace(".weight", ".scale");
     if let Some(st) = g.tensor(&scale_name) {
         if st.n_elements() != 1 || st.dtype != GgmlType::F32 {
-            bail!("tensor {scale_name:?} should be one F32 value, is {} {:?}", st.dtype, st.dims);
+            bail!(
+                "tensor {scale_name:?} should be one F32 value, is {} {:?}",
+                st.dtype,
+                st.dims
+            );
         }
         beta *= codecs::f32_at(g.tensor_data(st), 0);
     }
-    let lin = BitLinear { name: name.to_string(), rows, cols, data: bytes, beta, stored_as };
+    let lin = BitLinear {
+        name: name.to_string(),
+        rows,
+        cols,
+        data: bytes,
+        beta,
+        stored_as,
+    };
     if lin.all_zero() {
         warnings.push(format!("tensor {name:?} is all zeros: the file is probably broken (some re-uploads of the official checkpoints are); try another revision"));
     }
@@ -321,7 +394,8 @@ fn gguf_floats(g: &GgufFile, name: &str, want: &[usize]) -> Result<Vec<f32>> {
     let t = gguf_tensor(g, name)?;
     check_dims(name, &t.dims, want)?;
     let mut out = vec![0f32; t.n_elements() as usize];
-    codecs::dequantize_row(t.dtype, g.tensor_data(t), &mut out).map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
+    codecs::dequantize_row(t.dtype, g.tensor_data(t), &mut out)
+        .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
     Ok(out)
 }
 
@@ -329,7 +403,13 @@ fn gguf_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Flo
     let t = gguf_tensor(g, name)?;
     check_dims(name, &t.dims, &[cols, rows])?;
     let range = t.offset as usize..(t.offset + t.size) as usize;
-    FloatMatrix::new(name.to_string(), rows, cols, t.dtype, Bytes::Mapped(g.map(), range))
+    FloatMatrix::new(
+        name.to_string(),
+        rows,
+        cols,
+        t.dtype,
+        Bytes::Mapped(g.map(), range),
+    )
 }
 
 pub fn load_gguf_weights(g: &GgufFile, c: &Config, warnings: &mut Vec<String>) -> Result<Weights> {
@@ -360,7 +440,11 @@ pub fn load_gguf_weights(g: &GgufFile, c: &Config, warnings: &mut Vec<String>) -
     }
     Ok(Weights {
         embed: gguf_matrix(g, "token_embd.weight", c.n_vocab, e)?,
-        head: if c.tied_head { None } else { Some(gguf_matrix(g, "output.weight", c.n_vocab, e)?) },
+        head: if c.tied_head {
+            None
+        } else {
+            Some(gguf_matrix(g, "output.weight", c.n_vocab, e)?)
+        },
         output_norm: gguf_floats(g, "output_norm.weight", &[e])?,
         layers,
     })
@@ -380,21 +464,29 @@ pub enum ScaleDirection {
 
 pub fn hf_scale_direction(d: &HfDir) -> Result<ScaleDirection> {
     let qc = d.config.get("quantization_config");
-    let class = qc.and_then(|q| q.get("linear_class")).and_then(|v| v.as_str());
+    let class = qc
+        .and_then(|q| q.get("linear_class"))
+        .and_then(|v| v.as_str());
     Ok(match class {
         Some("autobitlinear") => ScaleDirection::Multiply,
         Some("bitlinear") | None => ScaleDirection::Divide,
-        Some(other) => bail!("config.json: quantization_config.linear_class {other:?} is not supported"),
+        Some(other) => {
+            bail!("config.json: quantization_config.linear_class {other:?} is not supported")
+        }
     })
 }
 
 fn hf_tensor<'a>(d: &'a HfDir, name: &str) -> Result<&'a HfTensor> {
-    d.tensor(name).ok_or_else(|| Error::new(format!("missing tensor {name:?}")))
+    d.tensor(name)
+        .ok_or_else(|| Error::new(format!("missing tensor {name:?}")))
 }
 
 fn hf_shape(name: &str, t: &HfTensor, want: &[usize]) -> Result<()> {
     if t.shape != want {
-        bail!("tensor {name:?} has shape {:?}, expected {want:?} from config.json", t.shape);
+        bail!(
+            "tensor {name:?} has shape {:?}, expected {want:?} from config.json",
+            t.shape
+        );
     }
     Ok(())
 }
@@ -408,7 +500,14 @@ fn st_float_type(name: &str, t: &HfTensor) -> Result<GgmlType> {
     })
 }
 
-fn hf_linear(d: &HfDir, prefix: &str, rows: usize, cols: usize, dir: ScaleDirection, warnings: &mut Vec<String>) -> Result<BitLinear> {
+fn hf_linear(
+    d: &HfDir,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    dir: ScaleDirection,
+    warnings: &mut Vec<String>,
+) -> Result<BitLinear> {
     let name = format!("{prefix}.weight");
     let t = hf_tensor(d, &name)?;
     let data = d.tensor_data(t);
@@ -433,7 +532,10 @@ fn hf_linear(d: &HfDir, prefix: &str, rows: usize, cols: usize, dir: ScaleDirect
         let st = hf_tensor(d, &scale_name)?;
         let s = d.read_f32(st)?;
         if s.len() != 1 {
-            bail!("tensor {scale_name:?} should hold one value, has shape {:?}", st.shape);
+            bail!(
+                "tensor {scale_name:?} should hold one value, has shape {:?}",
+                st.shape
+            );
         }
         let beta = match dir {
             ScaleDirection::Multiply => s[0],
@@ -442,16 +544,31 @@ fn hf_linear(d: &HfDir, prefix: &str, rows: usize, cols: usize, dir: ScaleDirect
         if !(beta.is_finite()) {
             bail!("tensor {scale_name:?} = {} gives no usable scale", s[0]);
         }
-        BitLinear { name, rows, cols, data: Bytes::Owned(packed), beta, stored_as: "packed uint8".into() }
+        BitLinear {
+            name,
+            rows,
+            cols,
+            data: Bytes::Owned(packed),
+            beta,
+            stored_as: "packed uint8".into(),
+        }
     } else {
         hf_shape(&name, t, &[rows, cols])?;
         let dtype = st_float_type(&name, t)?;
         let eb = if dtype == GgmlType::F32 { 4 } else { 2 };
         let read = |r: usize, out: &mut [f32]| {
-            codecs::dequantize_row(dtype, &data[r * cols * eb..(r + 1) * cols * eb], out).expect("sizes checked");
+            codecs::dequantize_row(dtype, &data[r * cols * eb..(r + 1) * cols * eb], out)
+                .expect("sizes checked");
         };
         let (packed, beta, how) = ternarize_floats(&name, rows, cols, false, read, warnings)?;
-        BitLinear { name, rows, cols, data: Bytes::Owned(packed), beta, stored_as: format!("{dtype} {how}") }
+        BitLinear {
+            name,
+            rows,
+            cols,
+            data: Bytes::Owned(packed),
+            beta,
+            stored_as: format!("{dtype} {how}"),
+        }
     };
     if lin.all_zero() {
         warnings.push(format!("tensor {:?} is all zeros: the checkpoint is probably broken (some re-uploads of the official checkpoints are); try another revision", lin.name));
@@ -470,7 +587,13 @@ fn hf_matrix(d: &HfDir, name: &str, rows: usize, cols: usize) -> Result<FloatMat
     hf_shape(name, t, &[rows, cols])?;
     let dtype = st_float_type(name, t)?;
     let (map, range) = d.tensor_map(t);
-    FloatMatrix::new(name.to_string(), rows, cols, dtype, Bytes::Mapped(map, range))
+    FloatMatrix::new(
+        name.to_string(),
+        rows,
+        cols,
+        dtype,
+        Bytes::Mapped(map, range),
+    )
 }
 
 pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Result<Weights> {
@@ -480,9 +603,24 @@ pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Res
     for i in 0..c.n_layer {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         let mut lin = |s: &str, rows, cols| hf_linear(d, &p(s), rows, cols, dir, warnings);
-        let (wq, wk, wv, wo) = (lin("self_attn.q_proj", q, e)?, lin("self_attn.k_proj", kv, e)?, lin("self_attn.v_proj", kv, e)?, lin("self_attn.o_proj", e, q)?);
-        let (w_gate, w_up, w_down) = (lin("mlp.gate_proj", f, e)?, lin("mlp.up_proj", f, e)?, lin("mlp.down_proj", e, f)?);
-        let sub = |s: &str, len| -> Result<Option<Vec<f32>>> { if c.sub_norms { Ok(Some(hf_floats(d, &p(s), len)?)) } else { Ok(None) } };
+        let (wq, wk, wv, wo) = (
+            lin("self_attn.q_proj", q, e)?,
+            lin("self_attn.k_proj", kv, e)?,
+            lin("self_attn.v_proj", kv, e)?,
+            lin("self_attn.o_proj", e, q)?,
+        );
+        let (w_gate, w_up, w_down) = (
+            lin("mlp.gate_proj", f, e)?,
+            lin("mlp.up_proj", f, e)?,
+            lin("mlp.down_proj", e, f)?,
+        );
+        let sub = |s: &str, len| -> Result<Option<Vec<f32>>> {
+            if c.sub_norms {
+                Ok(Some(hf_floats(d, &p(s), len)?))
+            } else {
+                Ok(None)
+            }
+        };
         layers.push(Layer {
             attn_norm: hf_floats(d, &p("input_layernorm.weight"), e)?,
             wq,
@@ -499,7 +637,11 @@ pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Res
     }
     Ok(Weights {
         embed: hf_matrix(d, "model.embed_tokens.weight", c.n_vocab, e)?,
-        head: if c.tied_head { None } else { Some(hf_matrix(d, "lm_head.weight", c.n_vocab, e)?) },
+        head: if c.tied_head {
+            None
+        } else {
+            Some(hf_matrix(d, "lm_head.weight", c.n_vocab, e)?)
+        },
         output_norm: hf_floats(d, "model.norm.weight", e)?,
         layers,
     })

@@ -21,7 +21,10 @@ fn load_tensors(rel: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .map(|(name, v)| {
             let d = v.data();
             let vals: Vec<f32> = match v.dtype() {
-                safetensors::Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                safetensors::Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
                 safetensors::Dtype::I8 => d.iter().map(|&b| b as i8 as f32).collect(),
                 other => panic!("unexpected dtype {other:?}"),
             };
@@ -35,7 +38,12 @@ fn golden_json(rel: &str) -> serde_json::Value {
 }
 
 fn prompt(name: &str) -> Vec<u32> {
-    golden_json("golden.json")["prompts"][name].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    golden_json("golden.json")["prompts"][name]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 struct RowStats {
@@ -58,11 +66,24 @@ fn compare_row(got: &[f32], want: &[f32]) -> RowStats {
         sum_abs += (g - w).abs();
     }
     // Same argmax wherever the golden's top1 - top2 margin exceeds 0.5.
-    let argmax = |v: &[f32]| v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0
+    };
     let mut sorted = want.to_vec();
     sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
     let margin = sorted[0] - sorted[1];
-    RowStats { cos: dot / (ng.sqrt() * nw.sqrt()), max_abs, sum_abs, argmax_ok: margin <= 0.5 || argmax(got) == argmax(want) }
+    RowStats {
+        cos: dot / (ng.sqrt() * nw.sqrt()),
+        max_abs,
+        sum_abs,
+        argmax_ok: margin <= 0.5 || argmax(got) == argmax(want),
+    }
 }
 
 /// Multi-token bar (DETAILS.md threshold 3): per-position cosine >= 0.998, max |d| <= 0.6,
@@ -73,10 +94,16 @@ fn assert_rows_close(what: &str, got: &[f32], want: &[f32], n_vocab: usize) {
     let rows = want.len() / n_vocab;
     let mut sum_abs = 0.0;
     for r in 0..rows {
-        let s = compare_row(&got[r * n_vocab..(r + 1) * n_vocab], &want[r * n_vocab..(r + 1) * n_vocab]);
+        let s = compare_row(
+            &got[r * n_vocab..(r + 1) * n_vocab],
+            &want[r * n_vocab..(r + 1) * n_vocab],
+        );
         assert!(s.cos >= 0.998, "{what}: row {r} cosine {}", s.cos);
         assert!(s.max_abs <= 0.6, "{what}: row {r} max |d| {}", s.max_abs);
-        assert!(s.argmax_ok, "{what}: row {r} argmax differs although the golden margin > 0.5");
+        assert!(
+            s.argmax_ok,
+            "{what}: row {r} argmax differs although the golden margin > 0.5"
+        );
         sum_abs += s.sum_abs;
     }
     let mean = sum_abs / want.len() as f64;
@@ -86,7 +113,11 @@ fn assert_rows_close(what: &str, got: &[f32], want: &[f32], n_vocab: usize) {
 /// Single-token bar (threshold 2): every f32 variant agreed to <= 3e-6; use atol 1e-4.
 fn assert_single_token_close(what: &str, got: &[f32], want: &[f32]) {
     let s = compare_row(got, want);
-    assert!(s.max_abs <= 1e-4, "{what}: len1 max |d| = {} > 1e-4", s.max_abs);
+    assert!(
+        s.max_abs <= 1e-4,
+        "{what}: len1 max |d| = {} > 1e-4",
+        s.max_abs
+    );
 }
 
 /// End-to-end logits of one forward over each prompt (no cache reuse), and greedy decoding with
@@ -115,50 +146,110 @@ fn check_model(model_rel: &str, golden_rel: &str, greedy_json: &str, greedy_fmt:
 /// a difference is accepted only where the golden top1 - top2 margin is < 0.5, and decoding
 /// continues teacher-forced on the golden token. Every step's logits must also meet the
 /// multi-token bar against `gen_step_logits` (the golden's own cached decoding).
-fn check_greedy(model: &Model, prompt: &[u32], golden: &HashMap<String, (Vec<usize>, Vec<f32>)>, g: &serde_json::Value, what: &str) {
+fn check_greedy(
+    model: &Model,
+    prompt: &[u32],
+    golden: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    g: &serde_json::Value,
+    what: &str,
+) {
     let p = what.rsplit(' ').next().unwrap();
     let v = model.config.n_vocab;
-    let tokens: Vec<u32> = g["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    let margins: Vec<f64> = g["top1_minus_top2"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    let tokens: Vec<u32> = g["new_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let margins: Vec<f64> = g["top1_minus_top2"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
     let step_logits = &golden[&format!("{p}.gen_step_logits")].1;
     let mut s: Session = model.new_session(256);
     let mut logits = model.forward(&mut s, prompt, false).unwrap().to_vec();
     let mut mismatches = 0;
     for (i, &want) in tokens.iter().enumerate() {
-        assert_rows_close(&format!("{what} greedy step {i}"), &logits, &step_logits[i * v..(i + 1) * v], v);
-        let ours = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0 as u32;
+        assert_rows_close(
+            &format!("{what} greedy step {i}"),
+            &logits,
+            &step_logits[i * v..(i + 1) * v],
+            v,
+        );
+        let ours = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (j, &x)| if x > b.1 { (j, x) } else { b },
+            )
+            .0 as u32;
         if ours != want {
-            assert!(margins[i] < 0.5, "{what}: greedy step {i} chose {ours}, golden {want} with margin {}", margins[i]);
+            assert!(
+                margins[i] < 0.5,
+                "{what}: greedy step {i} chose {ours}, golden {want} with margin {}",
+                margins[i]
+            );
             mismatches += 1;
         }
         logits = model.forward(&mut s, &[want], false).unwrap().to_vec();
     }
-    assert!(mismatches <= 3, "{what}: {mismatches} near-tie greedy mismatches");
+    assert!(
+        mismatches <= 3,
+        "{what}: {mismatches} near-tie greedy mismatches"
+    );
 }
 
 #[test]
 fn hf_packed_checkpoint_matches_golden() {
-    check_model("checkpoint_packed", "golden_packed.safetensors", "golden.json", "packed");
+    check_model(
+        "checkpoint_packed",
+        "golden_packed.safetensors",
+        "golden.json",
+        "packed",
+    );
 }
 
 #[test]
 fn hf_master_bf16_checkpoint_matches_golden() {
-    check_model("checkpoint_master_bf16", "golden_master.safetensors", "golden.json", "master");
+    check_model(
+        "checkpoint_master_bf16",
+        "golden_master.safetensors",
+        "golden.json",
+        "master",
+    );
 }
 
 #[test]
 fn gguf_i2_s_matches_golden() {
-    check_model("gguf/tiny-i2_s.gguf", "gguf/golden_gguf-i2_s.safetensors", "gguf/golden_gguf.json", "i2_s");
+    check_model(
+        "gguf/tiny-i2_s.gguf",
+        "gguf/golden_gguf-i2_s.safetensors",
+        "gguf/golden_gguf.json",
+        "i2_s",
+    );
 }
 
 #[test]
 fn gguf_tq2_0_matches_golden() {
-    check_model("gguf/tiny-tq2_0.gguf", "gguf/golden_gguf-tq2_0.safetensors", "gguf/golden_gguf.json", "tq2_0");
+    check_model(
+        "gguf/tiny-tq2_0.gguf",
+        "gguf/golden_gguf-tq2_0.safetensors",
+        "gguf/golden_gguf.json",
+        "tq2_0",
+    );
 }
 
 #[test]
 fn gguf_tq1_0_matches_golden() {
-    check_model("gguf/tiny-tq1_0.gguf", "gguf/golden_gguf-tq1_0.safetensors", "gguf/golden_gguf.json", "tq1_0");
+    check_model(
+        "gguf/tiny-tq1_0.gguf",
+        "gguf/golden_gguf-tq1_0.safetensors",
+        "gguf/golden_gguf.json",
+        "tq1_0",
+    );
 }
 
 /// Per-op checks on the len7 intermediates (threshold 1): int8 activations exact (a mismatch
@@ -174,10 +265,30 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
         let key = |s: &str| format!("layer.{l}.{s}");
         // Which golden tensor is the input of each BitLinear.
         let cases = [
-            ("self_attn.q_proj", "input_layernorm", vec![("self_attn.q_proj", &w.wq), ("self_attn.k_proj", &w.wk), ("self_attn.v_proj", &w.wv)]),
-            ("self_attn.o_proj", "self_attn.attn_sub_norm", vec![("self_attn.o_proj", &w.wo)]),
-            ("mlp.gate_proj", "post_attention_layernorm", vec![("mlp.gate_proj", &w.w_gate), ("mlp.up_proj", &w.w_up)]),
-            ("mlp.down_proj", "mlp.ffn_sub_norm", vec![("mlp.down_proj", &w.w_down)]),
+            (
+                "self_attn.q_proj",
+                "input_layernorm",
+                vec![
+                    ("self_attn.q_proj", &w.wq),
+                    ("self_attn.k_proj", &w.wk),
+                    ("self_attn.v_proj", &w.wv),
+                ],
+            ),
+            (
+                "self_attn.o_proj",
+                "self_attn.attn_sub_norm",
+                vec![("self_attn.o_proj", &w.wo)],
+            ),
+            (
+                "mlp.gate_proj",
+                "post_attention_layernorm",
+                vec![("mlp.gate_proj", &w.w_gate), ("mlp.up_proj", &w.w_up)],
+            ),
+            (
+                "mlp.down_proj",
+                "mlp.ffn_sub_norm",
+                vec![("mlp.down_proj", &w.w_down)],
+            ),
         ];
         for (act_name, input_name, projections) in cases {
             let x = &h[&key(input_name)].1;
@@ -188,11 +299,19 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
                 let row = &x[t * cols..(t + 1) * cols];
                 let mut q = vec![0i8; cols];
                 let (s, _) = quantize_row(row, &mut q);
-                assert_eq!(s, want_s[t], "layer {l} {act_name} token {t}: activation scale");
+                assert_eq!(
+                    s, want_s[t],
+                    "layer {l} {act_name} token {t}: activation scale"
+                );
                 for i in 0..cols {
                     if q[i] as f32 != want_q[t * cols + i] {
                         let frac = (row[i] * s).abs().fract();
-                        assert!((frac - 0.5).abs() < 1e-4, "layer {l} {act_name} token {t} element {i}: int8 {} vs {}", q[i], want_q[t * cols + i]);
+                        assert!(
+                            (frac - 0.5).abs() < 1e-4,
+                            "layer {l} {act_name} token {t} element {i}: int8 {} vs {}",
+                            q[i],
+                            want_q[t * cols + i]
+                        );
                     }
                     checked_int8 += 1;
                 }
@@ -201,12 +320,19 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
                 let got = model.apply_bitlinear(lin, x, nt);
                 let want = &h[&key(proj)].1;
                 for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "layer {l} {proj} element {i}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "layer {l} {proj} element {i}: {g} vs {w}"
+                    );
                 }
             }
         }
         // relu^2 gating given the golden projections.
-        let (g, u, want) = (&h[&key("mlp.gate_proj")].1, &h[&key("mlp.up_proj")].1, &h[&key("mlp.act_times_up")].1);
+        let (g, u, want) = (
+            &h[&key("mlp.gate_proj")].1,
+            &h[&key("mlp.up_proj")].1,
+            &h[&key("mlp.act_times_up")].1,
+        );
         for i in 0..want.len() {
             let r = g[i].max(0.0);
             assert!((r * r * u[i] - want[i]).abs() <= 1e-5 * want[i].abs() + 1e-6);
@@ -247,7 +373,12 @@ fn chunked_prefill_is_bit_identical_to_one_pass() {
 #[test]
 fn formats_agree_with_each_other() {
     let reference = Model::load(&data_dir().join("checkpoint_packed")).unwrap();
-    for (rel, rel_tol) in [("gguf/tiny-i2_s.gguf", 2f32.powi(-8)), ("gguf/tiny-tq2_0.gguf", 2f32.powi(-8)), ("gguf/tiny-tq1_0.gguf", 2f32.powi(-8)), ("checkpoint_master_bf16", 2f32.powi(-8))] {
+    for (rel, rel_tol) in [
+        ("gguf/tiny-i2_s.gguf", 2f32.powi(-8)),
+        ("gguf/tiny-tq2_0.gguf", 2f32.powi(-8)),
+        ("gguf/tiny-tq1_0.gguf", 2f32.powi(-8)),
+        ("checkpoint_master_bf16", 2f32.powi(-8)),
+    ] {
         let other = Model::load(&data_dir().join(rel)).unwrap();
         for (a, b) in reference.weights.linears().zip(other.weights.linears()) {
             assert_eq!((a.rows, a.cols), (b.rows, b.cols));
@@ -257,18 +388,39 @@ fn formats_agree_with_each_other() {
                 }
             }
             // bf16 (packed) vs f32/f16 storage: both round the same mean|W|; bf16 has 8 bits.
-            assert!((a.beta - b.beta).abs() <= rel_tol * a.beta.abs(), "{rel}: {} scale {} vs {}", b.name, b.beta, a.beta);
+            assert!(
+                (a.beta - b.beta).abs() <= rel_tol * a.beta.abs(),
+                "{rel}: {} scale {} vs {}",
+                b.name,
+                b.beta,
+                a.beta
+            );
         }
         let v = reference.config.n_vocab;
         let toks = prompt("len64");
-        let la = reference.forward(&mut reference.new_session(128), &toks, true).unwrap().to_vec();
-        let lb = other.forward(&mut other.new_session(128), &toks, true).unwrap().to_vec();
+        let la = reference
+            .forward(&mut reference.new_session(128), &toks, true)
+            .unwrap()
+            .to_vec();
+        let lb = other
+            .forward(&mut other.new_session(128), &toks, true)
+            .unwrap()
+            .to_vec();
         let mut sum = 0.0;
         for r in 0..toks.len() {
             let s = compare_row(&lb[r * v..(r + 1) * v], &la[r * v..(r + 1) * v]);
-            assert!(s.cos >= 0.995 && s.max_abs <= 1.0, "{rel}: row {r} cos {} max {}", s.cos, s.max_abs);
+            assert!(
+                s.cos >= 0.995 && s.max_abs <= 1.0,
+                "{rel}: row {r} cos {} max {}",
+                s.cos,
+                s.max_abs
+            );
             sum += s.sum_abs;
         }
-        assert!(sum / la.len() as f64 <= 0.15, "{rel}: mean |d| {}", sum / la.len() as f64);
+        assert!(
+            sum / la.len() as f64 <= 0.15,
+            "{rel}: mean |d| {}",
+            sum / la.len() as f64
+        );
     }
 }

@@ -70,12 +70,24 @@ pub fn dequantize_row(dtype: GgmlType, row: &[u8], out: &mut [f32]) -> Result<()
     let n = out.len();
     let (bs, bb) = dtype.block();
     if dtype == GgmlType::I2_S || n as u64 % bs != 0 || row.len() as u64 != n as u64 / bs * bb {
-        bail!("cannot decode a {n}-element row of {dtype} from {} bytes", row.len());
+        bail!(
+            "cannot decode a {n}-element row of {dtype} from {} bytes",
+            row.len()
+        );
     }
     match dtype {
-        GgmlType::F32 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f32_at(row, i)),
-        GgmlType::F16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f16_at(row, i)),
-        GgmlType::BF16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = bf16_at(row, i)),
+        GgmlType::F32 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32_at(row, i)),
+        GgmlType::F16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f16_at(row, i)),
+        GgmlType::BF16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = bf16_at(row, i)),
         GgmlType::Q8_0 => {
             for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
@@ -146,7 +158,14 @@ pub struct TernaryRow {
 /// Read the codes of row `r` of a ternary tensor (I2_S, TQ2_0 or TQ1_0) into `codes`
 /// (len = ne0), returning the block scales seen. Code 3 in I2_S (never written by any
 /// converter) is an error. TQ1_0 trits above 2 cannot occur.
-pub fn ternary_row(dtype: GgmlType, data: &[u8], ne0: usize, n_total: usize, r: usize, codes: &mut [u8]) -> Result<Vec<f32>> {
+pub fn ternary_row(
+    dtype: GgmlType,
+    data: &[u8],
+    ne0: usize,
+    n_total: usize,
+    r: usize,
+    codes: &mut [u8],
+) -> Result<Vec<f32>> {
     debug_assert_eq!(codes.len(), ne0);
     match dtype {
         GgmlType::I2_S => {
@@ -168,7 +187,11 @@ pub fn ternary_row(dtype: GgmlType, data: &[u8], ne0: usize, n_total: usize, r: 
                 let d = f16_at(&blk[bb - 2..], 0);
                 let mut nonzero = false;
                 for e in 0..256 {
-                    let c = if dtype == GgmlType::TQ2_0 { tq2_code(blk, e) } else { tq1_code(blk, e) };
+                    let c = if dtype == GgmlType::TQ2_0 {
+                        tq2_code(blk, e)
+                    } else {
+                        tq1_code(blk, e)
+                    };
                     if c > 2 {
                         bail!("invalid {dtype} code {c} in block {b} of row {r}");
                     }
@@ -286,7 +309,10 @@ mod tests {
     #[test]
     fn tq2_and_tq1_decode_their_encodings() {
         let vals = pseudo_ternary(512, 3);
-        for (dtype, data) in [(GgmlType::TQ2_0, encode_tq2(&vals, 0.5)), (GgmlType::TQ1_0, encode_tq1(&vals, 0.5))] {
+        for (dtype, data) in [
+            (GgmlType::TQ2_0, encode_tq2(&vals, 0.5)),
+            (GgmlType::TQ1_0, encode_tq1(&vals, 0.5)),
+        ] {
             let mut out = vec![0f32; 512];
             dequantize_row(dtype, &data, &mut out).unwrap();
             for i in 0..512 {
@@ -306,7 +332,10 @@ mod tests {
         dequantize_row(GgmlType::Q8_0, &blk, &mut out).unwrap();
         assert_eq!(out[0], -8.0);
         assert_eq!(out[31], 7.5);
-        let bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let mut out = vec![0f32; 2];
         dequantize_row(GgmlType::F32, &bytes, &mut out).unwrap();
         assert_eq!(out, vec![1.5, -2.0]);

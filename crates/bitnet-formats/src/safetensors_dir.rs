@@ -49,8 +49,10 @@ fn map_file(path: &Path) -> Result<Mmap> {
 }
 
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| FormatError::new(e.to_string()).context(path.display()))?;
-    serde_json::from_str(&text).map_err(|e| FormatError::new(format!("invalid JSON: {e}")).context(path.display()))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| FormatError::new(e.to_string()).context(path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| FormatError::new(format!("invalid JSON: {e}")).context(path.display()))
 }
 
 impl HfDir {
@@ -63,16 +65,28 @@ impl HfDir {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.is_file() {
             let index = read_json(&index_path)?;
-            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                FormatError::new(format!("{}: no \"weight_map\" object", index_path.display()))
-            })?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    FormatError::new(format!(
+                        "{}: no \"weight_map\" object",
+                        index_path.display()
+                    ))
+                })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    FormatError::new(format!("{}: weight_map[{tensor:?}] is not a string", index_path.display()))
+                    FormatError::new(format!(
+                        "{}: weight_map[{tensor:?}] is not a string",
+                        index_path.display()
+                    ))
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                    bail!("{}: shard name {file:?} is not a plain file name", index_path.display());
+                    bail!(
+                        "{}: shard name {file:?} is not a plain file name",
+                        index_path.display()
+                    );
                 }
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_string());
@@ -83,7 +97,10 @@ impl HfDir {
         } else if dir.join("model.safetensors").is_file() {
             vec!["model.safetensors".to_string()]
         } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
         };
 
         let mut shards = Vec::new();
@@ -91,8 +108,10 @@ impl HfDir {
         for (si, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
             let map = map_file(&path)?;
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| FormatError::new(format!("not a valid safetensors file: {e}")).context(path.display()))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| {
+                FormatError::new(format!("not a valid safetensors file: {e}"))
+                    .context(path.display())
+            })?;
             let base = map.as_ptr() as usize;
             for (tname, view) in st.iter() {
                 let start = view.data().as_ptr() as usize - base;
@@ -105,12 +124,20 @@ impl HfDir {
                     end: start + view.data().len(),
                 };
                 if tensors.insert(tname.to_string(), t).is_some() {
-                    bail!("{}: tensor {tname:?} appears in more than one shard", dir.display());
+                    bail!(
+                        "{}: tensor {tname:?} appears in more than one shard",
+                        dir.display()
+                    );
                 }
             }
             shards.push((path, Arc::new(map)));
         }
-        Ok(HfDir { dir, config, shards, tensors })
+        Ok(HfDir {
+            dir,
+            config,
+            shards,
+            tensors,
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&HfTensor> {
@@ -143,7 +170,11 @@ impl HfDir {
             Dtype::F32 => (0..n).map(|i| crate::codecs::f32_at(b, i)).collect(),
             Dtype::F16 => (0..n).map(|i| crate::codecs::f16_at(b, i)).collect(),
             Dtype::BF16 => (0..n).map(|i| crate::codecs::bf16_at(b, i)).collect(),
-            other => bail!("{}: tensor {:?} has dtype {other:?}, expected a float type", self.dir.display(), t.name),
+            other => bail!(
+                "{}: tensor {:?} has dtype {other:?}, expected a float type",
+                self.dir.display(),
+                t.name
+            ),
         })
     }
 
@@ -151,33 +182,48 @@ impl HfDir {
     pub fn config_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.config_err(key, "a non-negative integer", v)),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.config_err(key, "a non-negative integer", v)),
         }
     }
 
     pub fn config_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.config_err(key, "a number", v)),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.config_err(key, "a number", v)),
         }
     }
 
     pub fn config_str(&self, key: &str) -> Result<Option<&str>> {
         match self.config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.config_err(key, "a string", v)),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.config_err(key, "a string", v)),
         }
     }
 
     pub fn config_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.config_err(key, "true or false", v)),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.config_err(key, "true or false", v)),
         }
     }
 
     fn config_err(&self, key: &str, want: &str, v: &serde_json::Value) -> FormatError {
-        FormatError::new(format!("{}: config.json field {key:?} should be {want}, found {v}", self.dir.join("config.json").display()))
+        FormatError::new(format!(
+            "{}: config.json field {key:?} should be {want}, found {v}",
+            self.dir.join("config.json").display()
+        ))
     }
 
     /// Total size of the shards in bytes.

@@ -129,10 +129,18 @@ mod tests {
             let h: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.f32())).collect();
             let bytes: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
             let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
-            let want: f64 = h.iter().zip(&x).map(|(a, b)| a.to_f32() as f64 * *b as f64).sum();
+            let want: f64 = h
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| a.to_f32() as f64 * *b as f64)
+                .sum();
             for isa in [Isa::Scalar, Isa::detect()] {
                 let got = dot_f16(isa, &bytes, &x);
-                assert!((got as f64 - want).abs() < 1e-4 * (n as f64).sqrt(), "{} n={n}: {got} vs {want}", isa.name());
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (n as f64).sqrt(),
+                    "{} n={n}: {got} vs {want}",
+                    isa.name()
+                );
             }
         }
     }
@@ -140,7 +148,10 @@ mod tests {
     #[test]
     fn dot_f32_and_par_rows() {
         let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        assert_eq!(dot_f32(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+        assert_eq!(
+            dot_f32(&a, &a),
+            (0..19).map(|i| (i * i) as f32).sum::<f32>()
+        );
         let x = vec![1.0f32, 2.0, 3.0, 4.0];
         let mut out = vec![0f32; 2 * 37];
         par_rows(37, 2, 2, &x, &mut out, |r, xt| r as f32 * xt[0] + xt[1]);

@@ -31,7 +31,10 @@ pub(crate) mod test_rng {
     pub struct Lcg(pub u64);
     impl Lcg {
         pub fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
         pub fn f32(&mut self) -> f32 {

@@ -45,7 +45,9 @@ mod tests {
     #[test]
     fn reciprocal_then_multiply_differs_from_division_somewhere() {
         // The two formulas must differ for some absmax values; we implement the reference one.
-        let differs = (1..10_000).map(|i| 0.37 + i as f32 * 1e-4).any(|m| 127.0f32 * (1.0 / m) != 127.0 / m);
+        let differs = (1..10_000)
+            .map(|i| 0.37 + i as f32 * 1e-4)
+            .any(|m| 127.0f32 * (1.0 / m) != 127.0 / m);
         assert!(differs);
         let x = [0.731f32, -0.2];
         let mut q = [0i8; 2];

@@ -44,7 +44,9 @@ pub fn code_at(row: &[u8], e: usize) -> u8 {
 
 /// Scalar reference: `sum_e (code_e - 1) * q_e` over one packed row.
 pub fn dot_scalar(row: &[u8], q: &[i8]) -> i32 {
-    (0..q.len()).map(|e| (code_at(row, e) as i32 - 1) * q[e] as i32).sum()
+    (0..q.len())
+        .map(|e| (code_at(row, e) as i32 - 1) * q[e] as i32)
+        .sum()
 }
 
 /// A ternary matrix in the runtime layout, borrowed.
@@ -58,7 +60,10 @@ pub struct TernaryView<'a> {
 
 impl<'a> TernaryView<'a> {
     pub fn new(data: &'a [u8], rows: usize, kp: usize) -> Self {
-        assert!(kp % BLOCK == 0 && data.len() >= rows * kp / 4, "ternary view out of bounds");
+        assert!(
+            kp % BLOCK == 0 && data.len() >= rows * kp / 4,
+            "ternary view out of bounds"
+        );
         TernaryView { data, rows, kp }
     }
 
@@ -79,7 +84,8 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("BITNET_FORCE_SCALAR").is_none() && is_x86_feature_detected!("avx2") {
+            if std::env::var_os("BITNET_FORCE_SCALAR").is_none() && is_x86_feature_detected!("avx2")
+            {
                 return Isa::Avx2;
             }
         }
@@ -114,7 +120,15 @@ pub fn gemm(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out:
 }
 
 /// Single-threaded kernel over a range of rows.
-pub fn gemm_rows(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, rows: std::ops::Range<usize>, out: &mut [i32]) {
+pub fn gemm_rows(
+    isa: Isa,
+    w: TernaryView,
+    q: &[i8],
+    qsum: &[i32],
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [i32],
+) {
     match isa {
         Isa::Scalar => {
             for r in rows {
@@ -168,14 +182,27 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     unsafe fn block_dot(c: &[__m256i; 4], q: *const i8) -> __m256i {
         let ld = |i: usize| _mm256_loadu_si256(q.add(32 * i) as *const __m256i);
-        let s01 = _mm256_add_epi16(_mm256_maddubs_epi16(c[0], ld(0)), _mm256_maddubs_epi16(c[1], ld(1)));
-        let s23 = _mm256_add_epi16(_mm256_maddubs_epi16(c[2], ld(2)), _mm256_maddubs_epi16(c[3], ld(3)));
+        let s01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[0], ld(0)),
+            _mm256_maddubs_epi16(c[1], ld(1)),
+        );
+        let s23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[2], ld(2)),
+            _mm256_maddubs_epi16(c[3], ld(3)),
+        );
         _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1))
     }
 
     /// Tokens are processed four at a time so each unpacked weight block is reused four times.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn gemm_rows(w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, rows: std::ops::Range<usize>, out: &mut [i32]) {
+    pub unsafe fn gemm_rows(
+        w: TernaryView,
+        q: &[i8],
+        qsum: &[i32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [i32],
+    ) {
         let nb = w.kp / 128;
         let qp = q.as_ptr();
         for r in rows {
@@ -214,7 +241,9 @@ mod tests {
 
     fn random_matrix(rng: &mut Lcg, rows: usize, k: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
         let kp = padded_len(k);
-        let codes: Vec<Vec<u8>> = (0..rows).map(|_| (0..k).map(|_| (rng.next() % 3) as u8).collect()).collect();
+        let codes: Vec<Vec<u8>> = (0..rows)
+            .map(|_| (0..k).map(|_| (rng.next() % 3) as u8).collect())
+            .collect();
         let mut packed = vec![0u8; rows * kp / 4];
         for (r, c) in codes.iter().enumerate() {
             pack_row(c, &mut packed[r * kp / 4..(r + 1) * kp / 4]);
@@ -229,7 +258,10 @@ mod tests {
         let kp = padded_len(300);
         for (r, c) in codes.iter().enumerate() {
             for e in 0..kp {
-                assert_eq!(code_at(&packed[r * kp / 4..], e), c.get(e).copied().unwrap_or(1));
+                assert_eq!(
+                    code_at(&packed[r * kp / 4..], e),
+                    c.get(e).copied().unwrap_or(1)
+                );
             }
         }
     }
@@ -244,7 +276,14 @@ mod tests {
         if Isa::detect() != Isa::Scalar {
             isas.push(Isa::detect());
         }
-        for &(rows, k, n_tok) in &[(1, 1, 1), (7, 129, 3), (13, 688, 5), (33, 256, 9), (5, 2560, 4), (64, 640, 1)] {
+        for &(rows, k, n_tok) in &[
+            (1, 1, 1),
+            (7, 129, 3),
+            (13, 688, 5),
+            (33, 256, 9),
+            (5, 2560, 4),
+            (64, 640, 1),
+        ] {
             let kp = padded_len(k);
             let (codes, packed) = random_matrix(&mut rng, rows, k);
             let mut q = vec![0i8; n_tok * kp];
@@ -257,16 +296,27 @@ mod tests {
                     };
                 }
             }
-            let qsum: Vec<i32> = (0..n_tok).map(|t| q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum()).collect();
+            let qsum: Vec<i32> = (0..n_tok)
+                .map(|t| q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum())
+                .collect();
             let mut want = vec![0i32; n_tok * rows];
             for t in 0..n_tok {
                 for r in 0..rows {
-                    want[t * rows + r] = (0..k).map(|e| (codes[r][e] as i32 - 1) * q[t * kp + e] as i32).sum();
+                    want[t * rows + r] = (0..k)
+                        .map(|e| (codes[r][e] as i32 - 1) * q[t * kp + e] as i32)
+                        .sum();
                 }
             }
             for &isa in &isas {
                 let mut got = vec![0i32; n_tok * rows];
-                gemm(isa, TernaryView::new(&packed, rows, kp), &q, &qsum, n_tok, &mut got);
+                gemm(
+                    isa,
+                    TernaryView::new(&packed, rows, kp),
+                    &q,
+                    &qsum,
+                    n_tok,
+                    &mut got,
+                );
                 assert_eq!(got, want, "{} rows={rows} k={k} n_tok={n_tok}", isa.name());
             }
         }

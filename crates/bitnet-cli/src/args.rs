@@ -1,0 +1,103 @@
+//! Options shared by several subcommands (llama.cpp's names), and model loading.
+
+use anyhow::{anyhow, Result};
+use bitnet_engine::sampler::{parse_logit_bias, SamplingParams};
+use bitnet_engine::Model;
+use clap::Args;
+use std::path::Path;
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    pub temp: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set reaching probability P (1 = off).
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    pub min_p: f32,
+    /// Locally typical sampling (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub typical: f32,
+    /// Penalise repeated tokens (1 = off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at (0 = off).
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// OpenAI-style presence penalty.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI-style frequency penalty.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Bias a token: ID+BIAS or ID-BIAS (e.g. 15043+1, 15043-inf bans it). Repeatable.
+    #[arg(
+        long = "logit-bias",
+        value_name = "ID(+|-)BIAS",
+        allow_hyphen_values = true
+    )]
+    pub logit_bias: Vec<String>,
+    /// Random seed (default: from the clock). Same seed and settings give the same text.
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        let logit_bias = self
+            .logit_bias
+            .iter()
+            .map(|s| parse_logit_bias(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let p = SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            typical_p: self.typical,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias,
+            seed,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Set the size of the compute thread pool (default: the available cores).
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    let n = match threads {
+        Some(0) => return Err(anyhow!("--threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow!("cannot start {n} threads: {e}"))
+}
+
+/// Load a model and print its load-time warnings to stderr.
+pub fn load_model(path: &Path) -> Result<Model> {
+    let model = Model::load(path)?;
+    for w in &model.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(model)
+}
