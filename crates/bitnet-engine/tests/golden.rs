@@ -3,6 +3,7 @@
 //! agreement. Thresholds are those recommended in shared/golden/DETAILS.md ("Recommended
 //! thresholds for the Rust engine", f32 engine); each is restated where it is used.
 
+use bitnet_engine::config::Activation;
 use bitnet_engine::{Model, Session};
 use bitnet_kernels::quant::quantize_row;
 use safetensors::SafeTensors;
@@ -12,6 +13,10 @@ use std::path::PathBuf;
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny")
 }
+
+/// The Llama-architecture family (Falcon3 1.58-bit style: SiLU, no sub-norms, dividing scale,
+/// untied head, adjacent-pair RoPE in its GGUF).
+const FALCON: &str = "../falcon-tiny/";
 
 /// All tensors of a safetensors file as (shape, f32 values); int8 tensors are widened.
 fn load_tensors(rel: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
@@ -38,7 +43,11 @@ fn golden_json(rel: &str) -> serde_json::Value {
 }
 
 fn prompt(name: &str) -> Vec<u32> {
-    golden_json("golden.json")["prompts"][name]
+    prompt_of("", name)
+}
+
+fn prompt_of(base: &str, name: &str) -> Vec<u32> {
+    golden_json(&format!("{base}golden.json"))["prompts"][name]
         .as_array()
         .unwrap()
         .iter()
@@ -123,12 +132,13 @@ fn assert_single_token_close(what: &str, got: &[f32], want: &[f32]) {
 /// End-to-end logits of one forward over each prompt (no cache reuse), and greedy decoding with
 /// the KV cache, against the golden of exactly this file.
 fn check_model(model_rel: &str, golden_rel: &str, greedy_json: &str, greedy_fmt: &str) {
+    let base = if model_rel.starts_with(FALCON) { FALCON } else { "" };
     let model = Model::load(&data_dir().join(model_rel)).unwrap();
     let v = model.config.n_vocab;
     let golden = load_tensors(golden_rel);
     let greedy = &golden_json(greedy_json)["formats"][greedy_fmt]["greedy"];
     for p in ["len1", "len7", "len64"] {
-        let toks = prompt(p);
+        let toks = prompt_of(base, p);
         let mut s = model.new_session(256);
         let got = model.forward(&mut s, &toks, true).unwrap().to_vec();
         let want = &golden[&format!("{p}.logits_all")].1;
@@ -263,7 +273,13 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
     let mut checked_int8 = 0;
     for (l, w) in model.weights.layers.iter().enumerate() {
         let key = |s: &str| format!("layer.{l}.{s}");
-        // Which golden tensor is the input of each BitLinear.
+        // Which golden tensor is the input of each BitLinear. (Without sub-norms, o_proj reads
+        // the attention output and down_proj the gated product.)
+        let (o_in, down_in) = if c.sub_norms {
+            ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+        } else {
+            ("self_attn.attn_core_out", "mlp.act_times_up")
+        };
         let cases = [
             (
                 "self_attn.q_proj",
@@ -276,7 +292,7 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
             ),
             (
                 "self_attn.o_proj",
-                "self_attn.attn_sub_norm",
+                o_in,
                 vec![("self_attn.o_proj", &w.wo)],
             ),
             (
@@ -286,12 +302,12 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
             ),
             (
                 "mlp.down_proj",
-                "mlp.ffn_sub_norm",
+                down_in,
                 vec![("mlp.down_proj", &w.w_down)],
             ),
         ];
         for (act_name, input_name, projections) in cases {
-            let x = &h[&key(input_name)].1;
+            let x = &h.get(&key(input_name)).unwrap_or_else(|| panic!("{hidden_rel}: no {}", key(input_name))).1;
             let cols = x.len() / nt;
             let want_q = &h[&key(&format!("{act_name}.act_q_int8"))].1;
             let want_s = &h[&key(&format!("{act_name}.act_scale"))].1;
@@ -327,15 +343,19 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
                 }
             }
         }
-        // relu^2 gating given the golden projections.
+        // The gating (relu^2 or SiLU) given the golden projections.
         let (g, u, want) = (
             &h[&key("mlp.gate_proj")].1,
             &h[&key("mlp.up_proj")].1,
             &h[&key("mlp.act_times_up")].1,
         );
         for i in 0..want.len() {
-            let r = g[i].max(0.0);
-            assert!((r * r * u[i] - want[i]).abs() <= 1e-5 * want[i].abs() + 1e-6);
+            let act = match c.activation {
+                Activation::Relu2 => g[i].max(0.0) * g[i].max(0.0),
+                Activation::Silu => g[i] / (1.0 + (-g[i]).exp()),
+            };
+            let err = (act * u[i] - want[i]).abs();
+            assert!(err <= 1e-5 * want[i].abs() + 1e-6, "layer {l} gating element {i}");
         }
     }
     assert!(checked_int8 >= c.n_layer * nt * (c.n_embd * 3 + c.n_ff));
@@ -422,5 +442,37 @@ fn formats_agree_with_each_other() {
             "{rel}: mean |d| {}",
             sum / la.len() as f64
         );
+    }
+}
+
+#[test]
+fn falcon_packed_checkpoint_matches_golden() {
+    check_model("../falcon-tiny/checkpoint_packed", "../falcon-tiny/golden_packed.safetensors", "../falcon-tiny/golden.json", "packed");
+}
+
+#[test]
+fn falcon_master_checkpoint_matches_golden() {
+    check_model("../falcon-tiny/checkpoint_master_bf16", "../falcon-tiny/golden_master.safetensors", "../falcon-tiny/golden.json", "master");
+}
+
+#[test]
+fn falcon_gguf_tq2_0_matches_golden() {
+    check_model("../falcon-tiny/falcon-tiny-TQ2_0.gguf", "../falcon-tiny/golden_gguf.safetensors", "../falcon-tiny/golden.json", "gguf");
+}
+
+#[test]
+fn falcon_per_op_checks() {
+    check_ops("../falcon-tiny/checkpoint_packed", "../falcon-tiny/hidden_len7_packed.safetensors");
+    check_ops("../falcon-tiny/checkpoint_master_bf16", "../falcon-tiny/hidden_len7_master.safetensors");
+}
+
+#[test]
+fn falcon_family_configuration_comes_from_the_files() {
+    use bitnet_engine::config::RopeStyle;
+    for (rel, rope) in [("../falcon-tiny/checkpoint_packed", RopeStyle::Neox), ("../falcon-tiny/falcon-tiny-TQ2_0.gguf", RopeStyle::Adjacent)] {
+        let m = Model::load(&data_dir().join(rel)).unwrap();
+        let c = &m.config;
+        assert_eq!((c.activation, c.sub_norms, c.tied_head, c.rope_style), (Activation::Silu, false, false, rope), "{rel}");
+        assert_eq!((c.rope_theta, c.rms_eps, c.head_dim, c.n_head_kv), (1000042.0, 1e-6, 32, 4), "{rel}");
     }
 }
