@@ -39,6 +39,8 @@ impl Timings {
 
 pub struct Generation {
     pub tokens: Vec<u32>,
+    /// The logits after the prompt, from which the first token was sampled.
+    pub first_logits: Vec<f32>,
     pub stop: StopReason,
     pub timings: Timings,
 }
@@ -74,6 +76,7 @@ pub fn generate(
     let mut logits = model.forward(session, new_tokens, false)?.to_vec();
     timings.prompt_time = start.elapsed();
 
+    let first_logits = logits.clone();
     let gen_start = Instant::now();
     let mut out = Vec::new();
     let stop = loop {
@@ -101,6 +104,7 @@ pub fn generate(
     timings.generation_time = gen_start.elapsed();
     Ok(Generation {
         tokens: out,
+        first_logits,
         stop,
         timings,
     })

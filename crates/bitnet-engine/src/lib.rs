@@ -6,6 +6,7 @@
 //! - [`model`]: the forward pass and the KV cache (one readable function).
 //! - [`tokenizer`], [`sampler`], [`generate`]: text in, tokens out, text back.
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
