@@ -101,3 +101,21 @@ pub fn load_model(path: &Path) -> Result<Model> {
     }
     Ok(model)
 }
+
+/// Load a model with a spinner on stderr (when `show` and stderr is a terminal).
+pub fn load_model_with_progress(path: &Path, show: bool) -> Result<Model> {
+    use std::io::IsTerminal;
+    let bar = if show && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(format!("loading {}", path.display()));
+        b.enable_steady_tick(std::time::Duration::from_millis(100));
+        Some(b)
+    } else {
+        None
+    };
+    let model = load_model(path);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    model
+}

@@ -2,6 +2,7 @@
 
 use crate::args::{init_threads, load_model, SamplingArgs};
 use anyhow::{anyhow, Result};
+use bitnet_engine::chat::{ChatTemplate, Message, StopStrings};
 use bitnet_engine::generate::{generate, StopReason};
 use bitnet_engine::sampler::Sampler;
 use bitnet_engine::tokenizer::StreamDecoder;
@@ -15,8 +16,25 @@ pub struct RunArgs {
     #[arg(short = 'm', long)]
     pub model: PathBuf,
     /// The prompt.
-    #[arg(short = 'p', long)]
-    pub prompt: String,
+    #[arg(
+        short = 'p',
+        long,
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (exactly as stored).
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// Treat the prompt as one user message and apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long = "system-prompt", visible_alias = "sys", requires = "chat")]
+    pub system_prompt: Option<String>,
+    /// Stop at this text (repeatable); the text itself is not printed.
+    #[arg(long = "stop", visible_alias = "reverse-prompt", short = 'r')]
+    pub stop: Vec<String>,
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     pub n_predict: usize,
@@ -43,7 +61,25 @@ pub fn run(a: RunArgs) -> Result<()> {
             a.model.display()
         )
     })?;
-    let prompt = tok.encode(&a.prompt, true)?;
+    let text = match (&a.prompt, &a.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).map_err(|e| anyhow!("{}: {e}", f.display()))?
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let text = if a.chat {
+        let template = ChatTemplate::for_tokenizer(&tok)?;
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system_prompt {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &text));
+        template.render(&messages, true)?
+    } else {
+        text
+    };
+    let prompt = tok.encode(&text, true)?;
     let n_ctx = a.ctx_size.unwrap_or(2048).min(model.config.n_ctx_train);
     if prompt.len() > n_ctx {
         return Err(anyhow!("the prompt has {} tokens but the context holds {n_ctx}; use a larger --ctx-size (the model allows {})", prompt.len(), model.config.n_ctx_train));
@@ -52,6 +88,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut session = model.new_session(n_ctx);
     let mut sampler = Sampler::new(params);
     let mut dec = StreamDecoder::new();
+    let mut stops = StopStrings::new(a.stop.clone());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_failed = None;
@@ -63,17 +100,23 @@ pub fn run(a: RunArgs) -> Result<()> {
         a.n_predict,
         &tok.stop_ids(),
         |id| {
-            let text = dec.push(&tok, id);
+            let (text, stop) = stops.push(&dec.push(&tok, id));
             // A closed pipe (e.g. `| head`) ends generation quietly.
             if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
                 write_failed = Some(e);
                 return false;
             }
-            true
+            !stop
         },
     )?;
     if write_failed.is_none() {
-        let _ = writeln!(out, "{}", dec.flush());
+        let (text, stopped) = stops.push(&dec.flush());
+        let rest = if stopped {
+            text
+        } else {
+            text + &stops.finish()
+        };
+        let _ = writeln!(out, "{rest}");
     }
     if g.stop == StopReason::ContextFull {
         eprintln!("note: stopped because the context ({n_ctx} tokens) is full");

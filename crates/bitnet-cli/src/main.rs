@@ -2,6 +2,7 @@
 //! `bitnet-engine`; see README.md for examples.
 
 mod args;
+mod cmd_chat;
 mod cmd_info;
 mod cmd_logits;
 mod cmd_run;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streamed to stdout.
     Run(cmd_run::RunArgs),
+    /// Chat with a model in the terminal (or line by line through a pipe).
+    Chat(cmd_chat::ChatArgs),
     /// Show a model's architecture, hyper-parameters and tensors.
     Info(cmd_info::InfoArgs),
     /// Print the logits for exactly the given token ids, as JSON.
@@ -35,9 +38,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // llama.cpp spells some long options with one dash (`-sys`, `-np`); clap only knows
+    // one-letter short options, so rewrite them first.
+    let args = std::env::args_os().map(|a| match a.to_str() {
+        Some("-sys") => "--system-prompt".into(),
+        Some("-np") => "--parallel".into(),
+        _ => a,
+    });
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a),
+        Command::Chat(a) => cmd_chat::run(a),
         Command::Info(a) => cmd_info::run(a),
         Command::Logits(a) => cmd_logits::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),

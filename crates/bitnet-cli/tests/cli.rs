@@ -6,21 +6,38 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 fn data(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny").join(rel).display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/tiny")
+        .join(rel)
+        .display()
+        .to_string()
 }
 
 fn bitnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn bitnet_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
@@ -38,7 +55,12 @@ fn one_line_error(o: &Output) -> String {
 fn golden_logits_all(rel: &str, key: &str) -> Vec<f32> {
     let bytes = std::fs::read(data(rel)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(key).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
@@ -58,11 +80,20 @@ fn logits_json_shape_and_values() {
         assert_eq!(rows.len(), if all { 7 } else { 1 });
         let first = if all { 0 } else { 6 };
         for (r, row) in rows.iter().enumerate() {
-            let row: Vec<f32> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let row: Vec<f32> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             assert_eq!(row.len(), 1024);
             let golden = &want[(first + r) * 1024..(first + r + 1) * 1024];
             // Multi-token bar of the golden README: max |d| <= 0.6 per position.
-            let max = row.iter().zip(golden).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let max = row
+                .iter()
+                .zip(golden)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(max <= 0.6, "row {r}: max |d| {max}");
         }
     }
@@ -71,11 +102,24 @@ fn logits_json_shape_and_values() {
 #[test]
 fn logits_numbers_round_trip_exactly() {
     // The printed decimal must parse back to the very f32 the engine computed.
-    let model = bitnet_engine::Model::load(std::path::Path::new(&data("gguf/tiny-tq2_0.gguf"))).unwrap();
-    let lib = model.forward(&mut model.new_session(3), &[1, 17, 42], false).unwrap().to_vec();
-    let out = stdout(&bitnet(&["logits", "-m", &data("gguf/tiny-tq2_0.gguf"), "--tokens", "1,17,42"]));
+    let model =
+        bitnet_engine::Model::load(std::path::Path::new(&data("gguf/tiny-tq2_0.gguf"))).unwrap();
+    let lib = model
+        .forward(&mut model.new_session(3), &[1, 17, 42], false)
+        .unwrap()
+        .to_vec();
+    let out = stdout(&bitnet(&[
+        "logits",
+        "-m",
+        &data("gguf/tiny-tq2_0.gguf"),
+        "--tokens",
+        "1,17,42",
+    ]));
     let inner = out.split("[[").nth(1).unwrap().split("]]").next().unwrap();
-    let printed: Vec<f32> = inner.split(", ").map(|s| s.parse::<f32>().unwrap()).collect();
+    let printed: Vec<f32> = inner
+        .split(", ")
+        .map(|s| s.parse::<f32>().unwrap())
+        .collect();
     assert_eq!(printed, lib);
 }
 
@@ -85,40 +129,92 @@ fn logits_bad_input() {
     assert!(one_line_error(&bitnet(&["logits", "-m", &m, "--tokens", "1,x"])).contains("\"x\""));
     let e = one_line_error(&bitnet(&["logits", "-m", &m, "--tokens", "1,1024"]));
     assert!(e.contains("1024") && e.contains("tiny-i2_s.gguf"), "{e}");
-    assert!(one_line_error(&bitnet(&["logits", "-m", "/no/such/model.gguf", "--tokens", "1"])).contains("/no/such/model.gguf"));
+    assert!(one_line_error(&bitnet(&[
+        "logits",
+        "-m",
+        "/no/such/model.gguf",
+        "--tokens",
+        "1"
+    ]))
+    .contains("/no/such/model.gguf"));
 }
 
 #[test]
 fn tokenize_reads_stdin_exactly() {
     let text = "Hello world, this is a BitNet b1.58 test: 1234567 tokens.\n  x";
-    let want = [39, 68, 270, 78, 307, 265, 911, 11, 723, 370, 266, 448, 277, 45, 343, 286, 16, 13, 20, 23, 1004, 25, 220, 643, 18, 19, 20, 21, 22, 721, 304, 220, 220, 87];
+    let want = [
+        39, 68, 270, 78, 307, 265, 911, 11, 723, 370, 266, 448, 277, 45, 343, 286, 16, 13, 20, 23,
+        1004, 25, 220, 643, 18, 19, 20, 21, 22, 721, 304, 220, 220, 87,
+    ];
     let ids = |o: Output| -> Vec<u32> { serde_json::from_str(&stdout(&o)).unwrap() };
     // bitnet.cpp's file asks for BOS (1022); llama.cpp's TQ files do not.
-    let got = ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")], text.as_bytes()));
+    let got = ids(bitnet_stdin(
+        &["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")],
+        text.as_bytes(),
+    ));
     assert_eq!(got[0], 1022);
     assert_eq!(&got[1..], &want);
-    assert_eq!(ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-i2_s.gguf"), "--no-bos"], text.as_bytes())), want);
-    assert_eq!(ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-tq2_0.gguf")], text.as_bytes())), want);
+    assert_eq!(
+        ids(bitnet_stdin(
+            &["tokenize", "-m", &data("gguf/tiny-i2_s.gguf"), "--no-bos"],
+            text.as_bytes()
+        )),
+        want
+    );
+    assert_eq!(
+        ids(bitnet_stdin(
+            &["tokenize", "-m", &data("gguf/tiny-tq2_0.gguf")],
+            text.as_bytes()
+        )),
+        want
+    );
     // A trailing newline is kept, special-token text becomes its token, BOS is never doubled.
-    let nl = ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-tq1_0.gguf")], b"x\n"));
+    let nl = ids(bitnet_stdin(
+        &["tokenize", "-m", &data("gguf/tiny-tq1_0.gguf")],
+        b"x\n",
+    ));
     assert_eq!(nl.len(), 2);
-    assert_eq!(ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-tq1_0.gguf")], b"a<|end_of_text|>")), vec![64, 1023]);
-    assert_eq!(ids(bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")], b"<|begin_of_text|>a")), vec![1022, 64]);
+    assert_eq!(
+        ids(bitnet_stdin(
+            &["tokenize", "-m", &data("gguf/tiny-tq1_0.gguf")],
+            b"a<|end_of_text|>"
+        )),
+        vec![64, 1023]
+    );
+    assert_eq!(
+        ids(bitnet_stdin(
+            &["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")],
+            b"<|begin_of_text|>a"
+        )),
+        vec![1022, 64]
+    );
 }
 
 #[test]
 fn tokenize_errors() {
-    one_line_error(&bitnet_stdin(&["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")], &[0xff, 0xfe]));
-    one_line_error(&bitnet_stdin(&["tokenize", "-m", &data("checkpoint_packed")], b"x"));
+    one_line_error(&bitnet_stdin(
+        &["tokenize", "-m", &data("gguf/tiny-i2_s.gguf")],
+        &[0xff, 0xfe],
+    ));
+    one_line_error(&bitnet_stdin(
+        &["tokenize", "-m", &data("checkpoint_packed")],
+        b"x",
+    ));
 }
 
 #[test]
 fn run_is_deterministic_and_greedy_matches_the_library() {
     let m = data("gguf/tiny-i2_s.gguf");
-    let a = stdout(&bitnet(&["run", "-m", &m, "-p", "Hello", "-n", "12", "-s", "7"]));
-    let b = stdout(&bitnet(&["run", "-m", &m, "-p", "Hello", "-n", "12", "-s", "7"]));
+    let a = stdout(&bitnet(&[
+        "run", "-m", &m, "-p", "Hello", "-n", "12", "-s", "7",
+    ]));
+    let b = stdout(&bitnet(&[
+        "run", "-m", &m, "-p", "Hello", "-n", "12", "-s", "7",
+    ]));
     assert_eq!(a, b);
-    let greedy = stdout(&bitnet(&["run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0"]));
+    let greedy = stdout(&bitnet(&[
+        "run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0",
+    ]));
     // The library's own greedy continuation of the same prompt.
     let model = bitnet_engine::Model::load(std::path::Path::new(&m)).unwrap();
     let tok = model.tokenizer.clone().unwrap();
@@ -127,7 +223,14 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
     let mut logits = model.forward(&mut s, &ids, false).unwrap().to_vec();
     let mut out = Vec::new();
     for _ in 0..12 {
-        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0 as u32;
         if tok.stop_ids().contains(&next) {
             break;
         }
@@ -141,20 +244,45 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
 #[test]
 fn run_errors() {
     let m = data("gguf/tiny-i2_s.gguf");
-    assert!(one_line_error(&bitnet(&["run", "-m", &m, "-p", "x", "--temp", "-1"])).contains("temperature"));
-    assert!(one_line_error(&bitnet(&["run", "-m", &m, "-p", "x", "--top-p", "1.5"])).contains("top"));
+    assert!(
+        one_line_error(&bitnet(&["run", "-m", &m, "-p", "x", "--temp", "-1"]))
+            .contains("temperature")
+    );
+    assert!(
+        one_line_error(&bitnet(&["run", "-m", &m, "-p", "x", "--top-p", "1.5"])).contains("top")
+    );
     let long = "word ".repeat(200);
-    assert!(one_line_error(&bitnet(&["run", "-m", &m, "-p", &long, "-c", "64"])).contains("context"));
-    assert!(one_line_error(&bitnet(&["run", "-m", &data("checkpoint_packed"), "-p", "x"])).contains("tokenizer"));
+    assert!(
+        one_line_error(&bitnet(&["run", "-m", &m, "-p", &long, "-c", "64"])).contains("context")
+    );
+    assert!(one_line_error(&bitnet(&[
+        "run",
+        "-m",
+        &data("checkpoint_packed"),
+        "-p",
+        "x"
+    ]))
+    .contains("tokenizer"));
 }
 
 #[test]
 fn info_lists_hyperparameters_and_tensors() {
     let out = stdout(&bitnet(&["info", "-m", &data("gguf/tiny-tq1_0.gguf")]));
-    for want in ["architecture:      bitnet", "hidden size:       256", "FFN size:          688", "8 / 2 (head dim 32)", "blk.3.ffn_down.weight", "TQ1_0", "F16"] {
+    for want in [
+        "architecture:      bitnet",
+        "hidden size:       256",
+        "FFN size:          688",
+        "8 / 2 (head dim 32)",
+        "blk.3.ffn_down.weight",
+        "TQ1_0",
+        "F16",
+    ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     let out = stdout(&bitnet(&["info", "-m", &data("checkpoint_packed")]));
-    assert!(out.contains("model.layers.0.self_attn.q_proj.weight") && out.contains("autobitlinear"), "{out}");
+    assert!(
+        out.contains("model.layers.0.self_attn.q_proj.weight") && out.contains("autobitlinear"),
+        "{out}"
+    );
     one_line_error(&bitnet(&["info", "-m", &data("golden.json")]));
 }

@@ -16,7 +16,8 @@ pub const BITNET_TEMPLATE: &str = "{% for message in messages %}{{ message['role
 /// bitnet.cpp's converter embeds a placeholder (`Human: ...` / `BITNETAssistant: `) that is
 /// not the model's format (REFERENCE.md trap 9). Never use it.
 pub fn is_placeholder_template(src: &str) -> bool {
-    src.contains("BITNETAssistant") || (src.contains("Human: ") && src.contains("Assistant: ") && src.contains("eos_token"))
+    src.contains("BITNETAssistant")
+        || (src.contains("Human: ") && src.contains("Assistant: ") && src.contains("eos_token"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +28,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -48,17 +52,30 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use it for "today's date"; a fixed, clearly formatted date keeps renders
             // reproducible. Only the common formats are supported.
             let _ = fmt;
             "26 Jul 2024".to_string()
         });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::new(format!("invalid chat template: {e}")))?;
-        Ok(ChatTemplate { env, builtin: false, source: source.to_string(), bos: bos.to_string(), eos: eos.to_string() })
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::new(format!("invalid chat template: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            builtin: false,
+            source: source.to_string(),
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
     }
 
     /// The model's template, or the built-in BitNet one when it has none or the placeholder.
@@ -76,7 +93,10 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::new(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::new(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -98,15 +118,30 @@ pub struct StopStrings {
 
 impl StopStrings {
     pub fn new(stops: Vec<String>) -> Self {
-        StopStrings { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), text: String::new(), released: 0 }
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            text: String::new(),
+            released: 0,
+        }
     }
 
     /// Add generated text; returns (text safe to show now, whether a stop string was found).
     pub fn push(&mut self, piece: &str) -> (String, bool) {
         self.text.push_str(piece);
-        let search_from = self.released.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let search_from = self
+            .released
+            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
         let search_from = floor_char_boundary(&self.text, search_from);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| p + search_from)).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| p + search_from)
+            })
+            .min()
+        {
             let out = self.text[self.released.min(pos)..pos].to_string();
             self.text.truncate(pos);
             self.released = pos;
@@ -116,7 +151,10 @@ impl StopStrings {
         let mut hold = 0;
         for s in &self.stops {
             for k in (1..s.len().min(self.text.len()) + 1).rev() {
-                if self.text.is_char_boundary(self.text.len() - k) && s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                if self.text.is_char_boundary(self.text.len() - k)
+                    && s.is_char_boundary(k)
+                    && self.text.ends_with(&s[..k])
+                {
                     hold = hold.max(k);
                     break;
                 }
@@ -178,8 +216,16 @@ pub struct Chat<'m> {
 }
 
 impl<'m> Chat<'m> {
-    pub fn new(model: &'m Model, n_ctx: usize, params: SamplingParams, max_tokens: usize) -> Result<Chat<'m>> {
-        let tok = model.tokenizer.clone().ok_or_else(|| Error::new("the model has no tokenizer"))?;
+    pub fn new(
+        model: &'m Model,
+        n_ctx: usize,
+        params: SamplingParams,
+        max_tokens: usize,
+    ) -> Result<Chat<'m>> {
+        let tok = model
+            .tokenizer
+            .clone()
+            .ok_or_else(|| Error::new("the model has no tokenizer"))?;
         let template = ChatTemplate::for_tokenizer(&tok)?;
         Ok(Chat {
             model,
@@ -223,7 +269,11 @@ impl<'m> Chat<'m> {
     /// Replace the conversation (e.g. `/load`): a leading system message becomes the system prompt.
     pub fn set_messages(&mut self, mut messages: Vec<Message>) {
         self.system = None;
-        if messages.first().map(|m| m.role == "system").unwrap_or(false) {
+        if messages
+            .first()
+            .map(|m| m.role == "system")
+            .unwrap_or(false)
+        {
             self.system = Some(messages.remove(0).content);
         }
         self.messages = messages;
@@ -241,11 +291,20 @@ impl<'m> Chat<'m> {
     /// what the cache holds when the text extends it; otherwise the cache keeps the longest
     /// common token prefix and the rest is recomputed.
     fn tokens_to_feed(&mut self, full: &str) -> Result<Vec<u32>> {
-        if !self.cached_text.is_empty() && full.starts_with(&self.cached_text) && self.session.pos() > 0 {
+        if !self.cached_text.is_empty()
+            && full.starts_with(&self.cached_text)
+            && self.session.pos() > 0
+        {
             return self.tok.encode(&full[self.cached_text.len()..], false);
         }
         let all = self.tok.encode(full, true)?;
-        let common = self.session.tokens().iter().zip(&all).take_while(|(a, b)| a == b).count();
+        let common = self
+            .session
+            .tokens()
+            .iter()
+            .zip(&all)
+            .take_while(|(a, b)| a == b)
+            .count();
         // Keep at least one token to run, so there are logits to sample from.
         let keep = common.min(all.len().saturating_sub(1));
         self.session.truncate(keep);
@@ -253,7 +312,11 @@ impl<'m> Chat<'m> {
     }
 
     /// One user turn: `on_text` receives the answer as it streams and returns false to stop it.
-    pub fn turn(&mut self, user: &str, mut on_text: impl FnMut(&str) -> bool) -> Result<TurnResult> {
+    pub fn turn(
+        &mut self,
+        user: &str,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<TurnResult> {
         let n_ctx = self.session.n_ctx;
         let reserve = self.max_tokens.min(n_ctx / 4).max(1);
         self.messages.push(Message::new("user", user));
@@ -282,12 +345,20 @@ impl<'m> Chat<'m> {
         let mut found_stop = false;
         let tok = self.tok.clone();
         let start_pos = self.session.pos() + feed.len();
-        let g = generate(self.model, &mut self.session, &mut self.sampler, &feed, self.max_tokens, &stop_ids, |id| {
-            let (text, stop) = stops.push(&dec.push(&tok, id));
-            found_stop = stop;
-            let keep_going = text.is_empty() || on_text(&text);
-            keep_going && !stop
-        })?;
+        let g = generate(
+            self.model,
+            &mut self.session,
+            &mut self.sampler,
+            &feed,
+            self.max_tokens,
+            &stop_ids,
+            |id| {
+                let (text, stop) = stops.push(&dec.push(&tok, id));
+                found_stop = stop;
+                let keep_going = text.is_empty() || on_text(&text);
+                keep_going && !stop
+            },
+        )?;
         if !found_stop {
             let (text, _) = stops.push(&dec.flush());
             let rest = text + &stops.finish();
@@ -304,8 +375,18 @@ impl<'m> Chat<'m> {
             self.cached_text.clear();
         }
         self.messages.push(Message::new("assistant", &answer));
-        let stop = if found_stop { StopReason::Cancelled } else { g.stop };
-        Ok(TurnResult { answer, stop, timings: g.timings, dropped_turns: dropped, first_logits: g.first_logits })
+        let stop = if found_stop {
+            StopReason::Cancelled
+        } else {
+            g.stop
+        };
+        Ok(TurnResult {
+            answer,
+            stop,
+            timings: g.timings,
+            dropped_turns: dropped,
+            first_logits: g.first_logits,
+        })
     }
 
     /// Logits of the conversation as it stands (for tests of cache reuse).

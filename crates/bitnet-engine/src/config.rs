@@ -101,14 +101,14 @@ impl Config {
                 self.n_head
             );
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             bail!(
                 "head count {} is not a multiple of the KV head count {}",
                 self.n_head,
                 self.n_head_kv
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} must be even for RoPE", self.head_dim);
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

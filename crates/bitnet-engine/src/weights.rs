@@ -315,7 +315,7 @@ fn gguf_linear(
     let data = g.tensor_data(t);
     let n = rows * cols;
     let (bytes, mut beta, stored_as) = match t.dtype {
-        GgmlType::I2_S if cols % ternary::BLOCK == 0 => {
+        GgmlType::I2_S if cols.is_multiple_of(ternary::BLOCK) => {
             // Rows are whole blocks: the file layout is the runtime layout. Only validate.
             let codes = &data[..n / 4];
             if codes
@@ -513,7 +513,7 @@ fn hf_linear(
     let data = d.tensor_data(t);
     let lin = if t.dtype == safetensors::Dtype::U8 {
         // Packed along the output axis: W[i*R + r, c] = ((P[r, c] >> 2i) & 3) - 1, R = rows/4.
-        if rows % 4 != 0 {
+        if !rows.is_multiple_of(4) {
             bail!("tensor {name:?}: {rows} output features cannot be packed 4 per byte");
         }
         let rr = rows / 4;

@@ -7,7 +7,9 @@ use bitnet_formats::MetaValue;
 use std::path::{Path, PathBuf};
 
 fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/tiny")
+        .join(rel)
 }
 
 fn tmp_dir(name: &str) -> PathBuf {
@@ -21,10 +23,16 @@ fn tmp_dir(name: &str) -> PathBuf {
 fn rewrite(src: &Path, edit: impl FnOnce(&mut GgufWriter)) -> Vec<u8> {
     let bytes = std::fs::read(src).unwrap();
     let h = parse_header(&bytes).unwrap();
-    let mut w = GgufWriter { version: h.version, alignment: h.alignment, metadata: h.metadata.clone(), tensors: Vec::new() };
+    let mut w = GgufWriter {
+        version: h.version,
+        alignment: h.alignment,
+        metadata: h.metadata.clone(),
+        tensors: Vec::new(),
+    };
     for t in &h.tensors {
         let d = bytes[t.offset as usize..(t.offset + t.size) as usize].to_vec();
-        w.tensors.push((t.name.clone(), t.dims.clone(), t.dtype.id(), d));
+        w.tensors
+            .push((t.name.clone(), t.dims.clone(), t.dtype.id(), d));
     }
     edit(&mut w);
     w.to_bytes()
@@ -36,7 +44,10 @@ fn load_err(path: &Path) -> String {
         Err(e) => e.to_string(),
     };
     assert!(!msg.contains('\n'), "error is not one line: {msg}");
-    assert!(msg.contains(&path.display().to_string()), "error does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "error does not name the file: {msg}"
+    );
     msg
 }
 
@@ -53,11 +64,17 @@ fn rewritten_file_still_loads() {
 fn truncated_files() {
     let d = tmp_dir("trunc");
     let bytes = std::fs::read(data("gguf/tiny-tq2_0.gguf")).unwrap();
-    for (i, cut) in [0, 3, 10, 100, 5000, bytes.len() / 2, bytes.len() - 100].into_iter().enumerate() {
+    for (i, cut) in [0, 3, 10, 100, 5000, bytes.len() / 2, bytes.len() - 100]
+        .into_iter()
+        .enumerate()
+    {
         let p = d.join(format!("cut{i}.gguf"));
         std::fs::write(&p, &bytes[..cut]).unwrap();
         let msg = load_err(&p);
-        assert!(msg.contains("truncated") || msg.contains("not a model") || msg.contains("too short"), "cut at {cut}: {msg}");
+        assert!(
+            msg.contains("truncated") || msg.contains("not a model") || msg.contains("too short"),
+            "cut at {cut}: {msg}"
+        );
     }
 }
 
@@ -78,16 +95,29 @@ fn tensor_past_the_end_names_the_tensor() {
 fn unknown_tensor_type() {
     let d = tmp_dir("type");
     let p = d.join("type.gguf");
-    std::fs::write(&p, rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.tensors[3].2 = 12)).unwrap();
+    std::fs::write(
+        &p,
+        rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.tensors[3].2 = 12),
+    )
+    .unwrap();
     let msg = load_err(&p);
-    assert!(msg.contains("Q4_K") && msg.contains("does not read"), "{msg}");
+    assert!(
+        msg.contains("Q4_K") && msg.contains("does not read"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn overflowing_dimension() {
     let d = tmp_dir("dims");
     let p = d.join("dims.gguf");
-    std::fs::write(&p, rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.tensors[0].1 = vec![u64::MAX / 2, 4])).unwrap();
+    std::fs::write(
+        &p,
+        rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
+            w.tensors[0].1 = vec![u64::MAX / 2, 4]
+        }),
+    )
+    .unwrap();
     assert!(load_err(&p).contains("overflow"));
 }
 
@@ -95,7 +125,13 @@ fn overflowing_dimension() {
 fn missing_tensor() {
     let d = tmp_dir("missing");
     let p = d.join("missing.gguf");
-    std::fs::write(&p, rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.tensors.retain(|t| t.0 != "blk.2.ffn_up.weight"))).unwrap();
+    std::fs::write(
+        &p,
+        rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
+            w.tensors.retain(|t| t.0 != "blk.2.ffn_up.weight")
+        }),
+    )
+    .unwrap();
     assert!(load_err(&p).contains("missing tensor \"blk.2.ffn_up.weight\""));
 }
 
@@ -115,7 +151,10 @@ fn shape_that_does_not_match_the_hyperparameters() {
     )
     .unwrap();
     let msg = load_err(&p);
-    assert!(msg.contains("ffn_gate.weight") && msg.contains("shape"), "{msg}");
+    assert!(
+        msg.contains("ffn_gate.weight") && msg.contains("shape"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -135,7 +174,13 @@ fn metadata_of_the_wrong_type_or_absent() {
     .unwrap();
     assert!(load_err(&p).contains("bitnet-25.block_count"));
     let p = d.join("noarch.gguf");
-    std::fs::write(&p, rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.metadata.retain(|(k, _)| k != "general.architecture"))).unwrap();
+    std::fs::write(
+        &p,
+        rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
+            w.metadata.retain(|(k, _)| k != "general.architecture")
+        }),
+    )
+    .unwrap();
     assert!(load_err(&p).contains("general.architecture"));
     let p = d.join("hugeheads.gguf");
     std::fs::write(
@@ -159,13 +204,20 @@ fn invalid_i2_s_code() {
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
-            let t = w.tensors.iter_mut().find(|t| t.0 == "blk.0.attn_q.weight").unwrap();
+            let t = w
+                .tensors
+                .iter_mut()
+                .find(|t| t.0 == "blk.0.attn_q.weight")
+                .unwrap();
             t.3[7] = 0xFF;
         }),
     )
     .unwrap();
     let msg = load_err(&p);
-    assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("code 3"), "{msg}");
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("code 3"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -175,14 +227,24 @@ fn all_zero_ternary_tensor_warns() {
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
-            let t = w.tensors.iter_mut().find(|t| t.0 == "blk.1.ffn_up.weight").unwrap();
+            let t = w
+                .tensors
+                .iter_mut()
+                .find(|t| t.0 == "blk.1.ffn_up.weight")
+                .unwrap();
             let n = t.3.len() - 32;
             t.3[..n].fill(0x55); // every code 1 = weight 0
         }),
     )
     .unwrap();
     let m = Model::load(&p).unwrap();
-    assert!(m.warnings.iter().any(|w| w.contains("blk.1.ffn_up.weight") && w.contains("all zeros")), "{:?}", m.warnings);
+    assert!(
+        m.warnings
+            .iter()
+            .any(|w| w.contains("blk.1.ffn_up.weight") && w.contains("all zeros")),
+        "{:?}",
+        m.warnings
+    );
 }
 
 #[test]
@@ -197,7 +259,9 @@ fn broken_hf_directories() {
     std::fs::write(d.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
     assert!(load_err(&d).contains("model.safetensors"));
     // A config whose sizes do not match the tensors.
-    let cfg = std::fs::read_to_string(data("checkpoint_packed/config.json")).unwrap().replace("\"intermediate_size\": 688", "\"intermediate_size\": 700");
+    let cfg = std::fs::read_to_string(data("checkpoint_packed/config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 688", "\"intermediate_size\": 700");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     std::fs::write(d.join("model.safetensors"), &st).unwrap();
     let msg = load_err(&d);
@@ -211,8 +275,16 @@ fn broken_hf_directories() {
 fn out_of_vocabulary_token_and_overlong_prompt() {
     let m = Model::load(&data("gguf/tiny-tq1_0.gguf")).unwrap();
     let mut s = m.new_session(8);
-    assert!(m.forward(&mut s, &[1, 1024], false).unwrap_err().to_string().contains("1024"));
-    assert!(m.forward(&mut s, &[1; 9], false).unwrap_err().to_string().contains("context"));
+    assert!(m
+        .forward(&mut s, &[1, 1024], false)
+        .unwrap_err()
+        .to_string()
+        .contains("1024"));
+    assert!(m
+        .forward(&mut s, &[1; 9], false)
+        .unwrap_err()
+        .to_string()
+        .contains("context"));
     // The session is still usable after the errors.
     m.forward(&mut s, &[1, 2, 3], false).unwrap();
 }

@@ -132,7 +132,11 @@ fn assert_single_token_close(what: &str, got: &[f32], want: &[f32]) {
 /// End-to-end logits of one forward over each prompt (no cache reuse), and greedy decoding with
 /// the KV cache, against the golden of exactly this file.
 fn check_model(model_rel: &str, golden_rel: &str, greedy_json: &str, greedy_fmt: &str) {
-    let base = if model_rel.starts_with(FALCON) { FALCON } else { "" };
+    let base = if model_rel.starts_with(FALCON) {
+        FALCON
+    } else {
+        ""
+    };
     let model = Model::load(&data_dir().join(model_rel)).unwrap();
     let v = model.config.n_vocab;
     let golden = load_tensors(golden_rel);
@@ -290,24 +294,19 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
                     ("self_attn.v_proj", &w.wv),
                 ],
             ),
-            (
-                "self_attn.o_proj",
-                o_in,
-                vec![("self_attn.o_proj", &w.wo)],
-            ),
+            ("self_attn.o_proj", o_in, vec![("self_attn.o_proj", &w.wo)]),
             (
                 "mlp.gate_proj",
                 "post_attention_layernorm",
                 vec![("mlp.gate_proj", &w.w_gate), ("mlp.up_proj", &w.w_up)],
             ),
-            (
-                "mlp.down_proj",
-                down_in,
-                vec![("mlp.down_proj", &w.w_down)],
-            ),
+            ("mlp.down_proj", down_in, vec![("mlp.down_proj", &w.w_down)]),
         ];
         for (act_name, input_name, projections) in cases {
-            let x = &h.get(&key(input_name)).unwrap_or_else(|| panic!("{hidden_rel}: no {}", key(input_name))).1;
+            let x = &h
+                .get(&key(input_name))
+                .unwrap_or_else(|| panic!("{hidden_rel}: no {}", key(input_name)))
+                .1;
             let cols = x.len() / nt;
             let want_q = &h[&key(&format!("{act_name}.act_q_int8"))].1;
             let want_s = &h[&key(&format!("{act_name}.act_scale"))].1;
@@ -355,7 +354,10 @@ fn check_ops(model_rel: &str, hidden_rel: &str) {
                 Activation::Silu => g[i] / (1.0 + (-g[i]).exp()),
             };
             let err = (act * u[i] - want[i]).abs();
-            assert!(err <= 1e-5 * want[i].abs() + 1e-6, "layer {l} gating element {i}");
+            assert!(
+                err <= 1e-5 * want[i].abs() + 1e-6,
+                "layer {l} gating element {i}"
+            );
         }
     }
     assert!(checked_int8 >= c.n_layer * nt * (c.n_embd * 3 + c.n_ff));
@@ -447,32 +449,64 @@ fn formats_agree_with_each_other() {
 
 #[test]
 fn falcon_packed_checkpoint_matches_golden() {
-    check_model("../falcon-tiny/checkpoint_packed", "../falcon-tiny/golden_packed.safetensors", "../falcon-tiny/golden.json", "packed");
+    check_model(
+        "../falcon-tiny/checkpoint_packed",
+        "../falcon-tiny/golden_packed.safetensors",
+        "../falcon-tiny/golden.json",
+        "packed",
+    );
 }
 
 #[test]
 fn falcon_master_checkpoint_matches_golden() {
-    check_model("../falcon-tiny/checkpoint_master_bf16", "../falcon-tiny/golden_master.safetensors", "../falcon-tiny/golden.json", "master");
+    check_model(
+        "../falcon-tiny/checkpoint_master_bf16",
+        "../falcon-tiny/golden_master.safetensors",
+        "../falcon-tiny/golden.json",
+        "master",
+    );
 }
 
 #[test]
 fn falcon_gguf_tq2_0_matches_golden() {
-    check_model("../falcon-tiny/falcon-tiny-TQ2_0.gguf", "../falcon-tiny/golden_gguf.safetensors", "../falcon-tiny/golden.json", "gguf");
+    check_model(
+        "../falcon-tiny/falcon-tiny-TQ2_0.gguf",
+        "../falcon-tiny/golden_gguf.safetensors",
+        "../falcon-tiny/golden.json",
+        "gguf",
+    );
 }
 
 #[test]
 fn falcon_per_op_checks() {
-    check_ops("../falcon-tiny/checkpoint_packed", "../falcon-tiny/hidden_len7_packed.safetensors");
-    check_ops("../falcon-tiny/checkpoint_master_bf16", "../falcon-tiny/hidden_len7_master.safetensors");
+    check_ops(
+        "../falcon-tiny/checkpoint_packed",
+        "../falcon-tiny/hidden_len7_packed.safetensors",
+    );
+    check_ops(
+        "../falcon-tiny/checkpoint_master_bf16",
+        "../falcon-tiny/hidden_len7_master.safetensors",
+    );
 }
 
 #[test]
 fn falcon_family_configuration_comes_from_the_files() {
     use bitnet_engine::config::RopeStyle;
-    for (rel, rope) in [("../falcon-tiny/checkpoint_packed", RopeStyle::Neox), ("../falcon-tiny/falcon-tiny-TQ2_0.gguf", RopeStyle::Adjacent)] {
+    for (rel, rope) in [
+        ("../falcon-tiny/checkpoint_packed", RopeStyle::Neox),
+        ("../falcon-tiny/falcon-tiny-TQ2_0.gguf", RopeStyle::Adjacent),
+    ] {
         let m = Model::load(&data_dir().join(rel)).unwrap();
         let c = &m.config;
-        assert_eq!((c.activation, c.sub_norms, c.tied_head, c.rope_style), (Activation::Silu, false, false, rope), "{rel}");
-        assert_eq!((c.rope_theta, c.rms_eps, c.head_dim, c.n_head_kv), (1000042.0, 1e-6, 32, 4), "{rel}");
+        assert_eq!(
+            (c.activation, c.sub_norms, c.tied_head, c.rope_style),
+            (Activation::Silu, false, false, rope),
+            "{rel}"
+        );
+        assert_eq!(
+            (c.rope_theta, c.rms_eps, c.head_dim, c.n_head_kv),
+            (1000042.0, 1e-6, 32, 4),
+            "{rel}"
+        );
     }
 }

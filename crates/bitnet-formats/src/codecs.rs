@@ -69,7 +69,10 @@ pub fn tq1_code(block: &[u8], e: usize) -> u8 {
 pub fn dequantize_row(dtype: GgmlType, row: &[u8], out: &mut [f32]) -> Result<()> {
     let n = out.len();
     let (bs, bb) = dtype.block();
-    if dtype == GgmlType::I2_S || n as u64 % bs != 0 || row.len() as u64 != n as u64 / bs * bb {
+    if dtype == GgmlType::I2_S
+        || !(n as u64).is_multiple_of(bs)
+        || row.len() as u64 != n as u64 / bs * bb
+    {
         bail!(
             "cannot decode a {n}-element row of {dtype} from {} bytes",
             row.len()
@@ -248,7 +251,7 @@ mod tests {
             for _ in trits.len()..5 {
                 q *= 3;
             }
-            ((q * 256 + 242) / 243) as u8
+            (q * 256).div_ceil(243) as u8
         };
         let mut out = Vec::new();
         for blk in vals.chunks(256) {
@@ -358,13 +361,13 @@ mod tests {
         blk[208..210].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
         let mut out = vec![0f32; 256];
         dequantize_row(GgmlType::Q6_K, &blk, &mut out).unwrap();
-        // Element e uses scale index 8*(e/128) + (e%128)/16 ... per ggml: sc[is + 2k] for l/16.
-        for e in 0..256 {
+        // Element e = 128*half + 32*k + l uses scales[8*half + l/16 + 2*k] (ggml's sc[is + 2k]).
+        for (e, &v) in out.iter().enumerate() {
             let half = e / 128;
             let k = (e % 128) / 32;
             let l = e % 32;
             let sc = (8 * half + l / 16 + 2 * k + 1) as f32;
-            assert_eq!(out[e], 0.5 * sc, "element {e}");
+            assert_eq!(v, 0.5 * sc, "element {e}");
         }
     }
 }

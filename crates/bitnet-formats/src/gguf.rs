@@ -97,12 +97,12 @@ impl GgmlType {
     pub fn data_size(self, ne0: u64, n: u64) -> Result<u64> {
         let (bs, bb) = self.block();
         if self == GgmlType::I2_S {
-            if n % 128 != 0 {
+            if !n.is_multiple_of(128) {
                 bail!("I2_S needs a multiple of 128 elements, got {n}");
             }
             return Ok(n / 4 + 32);
         }
-        if ne0 % bs != 0 {
+        if !ne0.is_multiple_of(bs) {
             bail!(
                 "{} needs rows that are a multiple of {bs} elements, got {ne0}",
                 self.name()
@@ -292,7 +292,8 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
             bail!(
-                "file is truncated: {what} needs {n} bytes at offset {} but only {} remain",
+                "file is truncated: {} needs {n} bytes at offset {} but only {} remain",
+                what.escape_debug(),
                 self.pos,
                 self.remaining()
             );
@@ -403,11 +404,15 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader> {
     let n_kv = c.count("metadata count", 13)?;
 
     let mut metadata: Vec<(String, MetaValue)> = Vec::with_capacity(n_kv);
+    // Duplicate keys are found with a set: scanning `metadata` for each key was quadratic, and a
+    // 4 MB file of 200,000 small key-value pairs took three minutes to parse (a hang; see
+    // tests/fuzz_regressions.rs, `many_metadata_keys_parse_in_linear_time`).
+    let mut keys = std::collections::HashSet::with_capacity(n_kv);
     for _ in 0..n_kv {
         let key = c.string("metadata key")?;
         let ty = c.u32(&key)?;
         let value = read_value(&mut c, ty, &key, 0)?;
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !keys.insert(key.clone()) {
             bail!("metadata key {key:?} appears twice");
         }
         metadata.push((key, value));

@@ -9,6 +9,7 @@
 
 pub mod codecs;
 pub mod error;
+pub mod fuzz_harness;
 pub mod gguf;
 pub mod safetensors_dir;
 

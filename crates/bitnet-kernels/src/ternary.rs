@@ -61,7 +61,7 @@ pub struct TernaryView<'a> {
 impl<'a> TernaryView<'a> {
     pub fn new(data: &'a [u8], rows: usize, kp: usize) -> Self {
         assert!(
-            kp % BLOCK == 0 && data.len() >= rows * kp / 4,
+            kp.is_multiple_of(BLOCK) && data.len() >= rows * kp / 4,
             "ternary view out of bounds"
         );
         TernaryView { data, rows, kp }
