@@ -17,4 +17,4 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Model, Session};
+pub use model::{BatchItem, Model, Session, Workspace};

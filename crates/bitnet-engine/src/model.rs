@@ -151,6 +151,55 @@ impl Model {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<&'s [f32]> {
+        self.check_tokens(s, tokens)?;
+        let v = self.config.n_vocab;
+        let mut sc = std::mem::take(&mut s.scratch);
+        let mut logits = std::mem::take(&mut s.logits);
+        logits.resize(if all_logits { tokens.len() * v } else { v }, 0.0);
+        for (ci, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
+            let last_chunk = (ci + 1) * MAX_CHUNK >= tokens.len();
+            let mut items = [BatchItem {
+                session: &mut *s,
+                tokens: chunk,
+            }];
+            if all_logits {
+                let off = ci * MAX_CHUNK * v;
+                self.forward_core(
+                    &mut sc,
+                    &mut items,
+                    Want::All,
+                    &mut logits[off..off + chunk.len() * v],
+                );
+            } else if last_chunk {
+                self.forward_core(&mut sc, &mut items, Want::LastOfEach, &mut logits);
+            } else {
+                self.forward_core(&mut sc, &mut items, Want::None, &mut []);
+            }
+        }
+        s.scratch = sc;
+        s.logits = logits;
+        Ok(&s.logits)
+    }
+
+    /// Several sequences in one pass (continuous batching): every weight row is unpacked once
+    /// for all their tokens, while each sequence attends only to its own cache. Returns the
+    /// logits of each item's last token, `n_vocab` per item, in order. Each sequence gets
+    /// exactly the numbers it would get alone: nothing per token depends on the batch.
+    pub fn forward_batch<'w>(
+        &self,
+        ws: &'w mut Workspace,
+        items: &mut [BatchItem],
+    ) -> Result<&'w [f32]> {
+        for it in items.iter() {
+            self.check_tokens(it.session, it.tokens)?;
+        }
+        let v = self.config.n_vocab;
+        ws.logits.resize(items.len() * v, 0.0);
+        self.forward_core(&mut ws.scratch, items, Want::LastOfEach, &mut ws.logits);
+        Ok(&ws.logits)
+    }
+
+    fn check_tokens(&self, s: &Session, tokens: &[u32]) -> Result<()> {
         let v = self.config.n_vocab;
         if tokens.is_empty() {
             bail!("no tokens to run");
@@ -166,35 +215,34 @@ impl Model {
                 s.n_ctx
             );
         }
-        s.logits
-            .resize(if all_logits { tokens.len() * v } else { v }, 0.0);
-        for (ci, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
-            let last_chunk = (ci + 1) * MAX_CHUNK >= tokens.len();
-            let out_off = ci * MAX_CHUNK * v;
-            let want = if all_logits {
-                Some(out_off)
-            } else if last_chunk {
-                Some(usize::MAX)
-            } else {
-                None
-            };
-            self.forward_chunk(s, chunk, want);
-        }
-        Ok(&s.logits)
+        Ok(())
     }
 
-    /// `want_logits`: None = no logits; Some(usize::MAX) = the last token's row at offset 0;
-    /// Some(off) = every token's row starting at `off`.
-    fn forward_chunk(&self, s: &mut Session, tokens: &[u32], want_logits: Option<usize>) {
+    /// The forward pass over the tokens of every item at once (see the module docs).
+    fn forward_core(
+        &self,
+        sc: &mut Scratch,
+        items: &mut [BatchItem],
+        want: Want,
+        logits: &mut [f32],
+    ) {
         let c = &self.config;
-        let (e, hd, nt) = (c.n_embd, c.head_dim, tokens.len());
+        let (e, hd) = (c.n_embd, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let p0 = s.pos;
-        let sc = &mut s.scratch;
+        let nt: usize = items.iter().map(|it| it.tokens.len()).sum();
         sc.ensure(c, nt);
 
+        // Which sequence and position each token of the batch belongs to.
+        sc.tok_seq.clear();
+        sc.tok_pos.clear();
+        for (i, it) in items.iter().enumerate() {
+            for j in 0..it.tokens.len() {
+                sc.tok_seq.push(i);
+                sc.tok_pos.push(it.session.pos + j);
+            }
+        }
         // Token embeddings.
-        for (t, &tok) in tokens.iter().enumerate() {
+        for (t, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
             self.weights
                 .embed
                 .row(tok as usize, &mut sc.x[t * e..(t + 1) * e]);
@@ -203,7 +251,7 @@ impl Model {
         let half = hd / 2;
         for t in 0..nt {
             for i in 0..half {
-                let angle = (p0 + t) as f32 * self.inv_freq[i];
+                let angle = sc.tok_pos[t] as f32 * self.inv_freq[i];
                 sc.cos[t * half + i] = angle.cos();
                 sc.sin[t * half + i] = angle.sin();
             }
@@ -245,14 +293,26 @@ impl Model {
                     );
                 }
             }
-            let layer_off = l * s.n_ctx * kv_dim;
-            s.k_cache[layer_off + p0 * kv_dim..][..nt * kv_dim]
-                .copy_from_slice(&sc.k[..nt * kv_dim]);
-            s.v_cache[layer_off + p0 * kv_dim..][..nt * kv_dim]
-                .copy_from_slice(&sc.v[..nt * kv_dim]);
-            let kc = &s.k_cache[layer_off..layer_off + s.n_ctx * kv_dim];
-            let vc = &s.v_cache[layer_off..layer_off + s.n_ctx * kv_dim];
-            attention(c, &sc.q, kc, vc, p0, nt, &mut sc.att);
+            // Append this layer's keys and values to each sequence's cache.
+            let mut t0 = 0;
+            for it in items.iter_mut() {
+                let (s, n) = (&mut *it.session, it.tokens.len());
+                let off = l * s.n_ctx * kv_dim + s.pos * kv_dim;
+                s.k_cache[off..off + n * kv_dim]
+                    .copy_from_slice(&sc.k[t0 * kv_dim..(t0 + n) * kv_dim]);
+                s.v_cache[off..off + n * kv_dim]
+                    .copy_from_slice(&sc.v[t0 * kv_dim..(t0 + n) * kv_dim]);
+                t0 += n;
+            }
+            let caches: Vec<(&[f32], &[f32])> = items
+                .iter()
+                .map(|it| {
+                    let s = &*it.session;
+                    let r = l * s.n_ctx * kv_dim..(l + 1) * s.n_ctx * kv_dim;
+                    (&s.k_cache[r.clone()], &s.v_cache[r])
+                })
+                .collect();
+            attention(c, &sc.q, &caches, &sc.tok_seq, &sc.tok_pos, &mut sc.att);
             if let Some(norm) = &w.attn_sub_norm {
                 for t in 0..nt {
                     let a = &mut sc.att[t * q_dim..(t + 1) * q_dim];
@@ -304,17 +364,26 @@ impl Model {
                 .for_each(|(x, o)| *x += o);
         }
 
-        s.pos += nt;
-        s.tokens.extend_from_slice(tokens);
-        let Some(off) = want_logits else { return };
-        let (first, off) = if off == usize::MAX {
-            (nt - 1, 0)
-        } else {
-            (0, off)
+        for it in items.iter_mut() {
+            it.session.pos += it.tokens.len();
+            it.session.tokens.extend_from_slice(it.tokens);
+        }
+        // Final norm of the tokens whose logits are wanted, then the output head.
+        let rows: Vec<usize> = match want {
+            Want::None => return,
+            Want::All => (0..nt).collect(),
+            Want::LastOfEach => {
+                let mut end = 0;
+                items
+                    .iter()
+                    .map(|it| {
+                        end += it.tokens.len();
+                        end - 1
+                    })
+                    .collect()
+            }
         };
-        let rows = nt - first;
-        for t in first..nt {
-            let r = t - first;
+        for (r, &t) in rows.iter().enumerate() {
             rms_norm(
                 &sc.x[t * e..(t + 1) * e],
                 &self.weights.output_norm,
@@ -325,9 +394,9 @@ impl Model {
         let v = c.n_vocab;
         self.weights.head().matmul(
             self.isa,
-            &sc.xn[..rows * e],
-            rows,
-            &mut s.logits[off..off + rows * v],
+            &sc.xn[..rows.len() * e],
+            rows.len(),
+            &mut logits[..rows.len() * v],
         );
     }
 
@@ -380,18 +449,29 @@ fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Causal grouped-query attention for `nt` new tokens at positions p0.. over the cache
-/// (which already holds their keys and values). Query head h reads KV head h / (n_head / n_kv).
-fn attention(c: &Config, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, nt: usize, out: &mut [f32]) {
+/// Causal grouped-query attention for a batch of new tokens whose keys and values are already
+/// in their sequences' caches: token t belongs to sequence `tok_seq[t]` at position
+/// `tok_pos[t]` and attends to positions 0..=tok_pos[t] of that cache. Query head h reads KV
+/// head h / (n_head / n_kv).
+fn attention(
+    c: &Config,
+    q: &[f32],
+    caches: &[(&[f32], &[f32])],
+    tok_seq: &[usize],
+    tok_pos: &[usize],
+    out: &mut [f32],
+) {
     let (hd, q_dim, kv_dim) = (c.head_dim, c.q_dim(), c.kv_dim());
     let group = c.n_head / c.n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();
+    let nt = tok_seq.len();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     (0..nt * c.n_head)
         .into_par_iter()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, job| {
             let (t, h) = (job / c.n_head, job % c.n_head);
-            let n_keys = p0 + t + 1;
+            let (kc, vc) = caches[tok_seq[t]];
+            let n_keys = tok_pos[t] + 1;
             let qh = &q[t * q_dim + h * hd..][..hd];
             let kvh = (h / group) * hd;
             scores.clear();
@@ -455,6 +535,8 @@ struct Scratch {
     sin: Vec<f32>,
     isum: Vec<i32>,
     acts: QuantizedActs,
+    tok_seq: Vec<usize>,
+    tok_pos: Vec<usize>,
 }
 
 impl Scratch {
@@ -476,6 +558,27 @@ impl Scratch {
         grow(&mut self.cos, nt * c.head_dim / 2);
         grow(&mut self.sin, nt * c.head_dim / 2);
     }
+}
+
+/// Which logits a forward pass computes.
+#[derive(Clone, Copy)]
+enum Want {
+    None,
+    LastOfEach,
+    All,
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct BatchItem<'a> {
+    pub session: &'a mut Session,
+    pub tokens: &'a [u32],
+}
+
+/// Reusable buffers for [`Model::forward_batch`] (the scheduler keeps one).
+#[derive(Default)]
+pub struct Workspace {
+    scratch: Scratch,
+    logits: Vec<f32>,
 }
 
 /// One sequence: its KV cache, the tokens it has seen, and reusable buffers.

@@ -510,3 +510,53 @@ fn falcon_family_configuration_comes_from_the_files() {
         );
     }
 }
+
+/// Continuous batching: sequences run together give exactly the logits they give alone
+/// (every per-token computation is independent of the batch).
+#[test]
+fn batched_sequences_equal_separate_runs() {
+    use bitnet_engine::model::{BatchItem, Workspace};
+    let model = Model::load(&data_dir().join("gguf/tiny-tq1_0.gguf")).unwrap();
+    let v = model.config.n_vocab;
+    let a: Vec<u32> = prompt("len64")[..20].to_vec();
+    let b: Vec<u32> = prompt("len7");
+    // Alone: a's prompt then one more token; b's prompt.
+    let mut sa = model.new_session(64);
+    let alone_a1 = model.forward(&mut sa, &a[..19], false).unwrap().to_vec();
+    let alone_a2 = model.forward(&mut sa, &a[19..], false).unwrap().to_vec();
+    let mut sb = model.new_session(64);
+    let alone_b = model.forward(&mut sb, &b, false).unwrap().to_vec();
+    // Together: step 1 has a's prompt alone; step 2 mixes a's decode token with b's prompt.
+    let (mut ta, mut tb) = (model.new_session(64), model.new_session(64));
+    let mut ws = Workspace::default();
+    let l1 = model
+        .forward_batch(
+            &mut ws,
+            &mut [BatchItem {
+                session: &mut ta,
+                tokens: &a[..19],
+            }],
+        )
+        .unwrap()
+        .to_vec();
+    assert_eq!(l1, alone_a1);
+    let l2 = model
+        .forward_batch(
+            &mut ws,
+            &mut [
+                BatchItem {
+                    session: &mut ta,
+                    tokens: &a[19..],
+                },
+                BatchItem {
+                    session: &mut tb,
+                    tokens: &b,
+                },
+            ],
+        )
+        .unwrap()
+        .to_vec();
+    assert_eq!(&l2[..v], &alone_a2[..]);
+    assert_eq!(&l2[v..], &alone_b[..]);
+    assert_eq!((ta.pos(), tb.pos()), (20, 7));
+}
