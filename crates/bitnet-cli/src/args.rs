@@ -4,7 +4,7 @@ use anyhow::{anyhow, Result};
 use bitnet_engine::sampler::{parse_logit_bias, SamplingParams};
 use bitnet_engine::Model;
 use clap::Args;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -93,18 +93,66 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
         .map_err(|e| anyhow!("cannot start {n} threads: {e}"))
 }
 
-/// Load a model and print its load-time warnings to stderr.
-pub fn load_model(path: &Path) -> Result<Model> {
-    let model = Model::load(path)?;
-    for w in &model.warnings {
-        eprintln!("warning: {w}");
+/// The model `run`, `chat` and `serve` use when `-m` is not given.
+pub const DEFAULT_MODEL: &str = "microsoft/bitnet-b1.58-2B-4T-gguf";
+
+/// A `-m` argument as a local path. A path that exists always wins; anything else is a Hugging
+/// Face reference `OWNER/REPO[:FILE_OR_QUANT][@REVISION]`, found in (or downloaded into) the
+/// standard Hugging Face cache, with progress on stderr.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.exists() {
+        return Ok(path.to_path_buf());
     }
+    if bitnet_hub::ModelRef::looks_like_path(arg) {
+        return Err(anyhow!("{arg}: no such file or directory"));
+    }
+    let r = bitnet_hub::ModelRef::parse(arg)
+        .map_err(|e| anyhow!("{arg}: no such file or directory, and {e}"))?;
+    let hub = bitnet_hub::Hub::from_env()?;
+    hub.resolve(&r).map_err(|e| match e.kind {
+        bitnet_hub::ErrorKind::NotFound | bitnet_hub::ErrorKind::Unauthorized => {
+            anyhow!("{e} (there is no local file or directory named {arg:?} either)")
+        }
+        _ => anyhow!("{e}"),
+    })
+}
+
+/// [`resolve_model`] for a `PathBuf` argument (an existing path is used as it is, even when it
+/// is not valid UTF-8).
+pub fn resolve_model_path(arg: &Path) -> Result<PathBuf> {
+    if arg.exists() {
+        return Ok(arg.to_path_buf());
+    }
+    resolve_model(&arg.to_string_lossy())
+}
+
+/// Print a model's load-time warnings to stderr.
+pub fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        if w.contains("all zeros") {
+            // The engine names the tensor; say how to avoid the broken upload.
+            eprintln!("warning: {w}; pin a known-good revision with -m OWNER/REPO@REVISION");
+        } else {
+            eprintln!("warning: {w}");
+        }
+    }
+}
+
+/// Load a model (a path or a Hub reference, see [`resolve_model`]) and print its load-time
+/// warnings to stderr.
+pub fn load_model(path: &Path) -> Result<Model> {
+    let path = resolve_model_path(path)?;
+    let model = Model::load(&path)?;
+    print_warnings(&model.warnings);
     Ok(model)
 }
 
 /// Load a model with a spinner on stderr (when `show` and stderr is a terminal).
 pub fn load_model_with_progress(path: &Path, show: bool) -> Result<Model> {
     use std::io::IsTerminal;
+    // Download first (with its own progress bars), then show the spinner while loading.
+    let path = &resolve_model_path(path)?;
     let bar = if show && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_message(format!("loading {}", path.display()));

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Model: a GGUF file or a Hugging Face model directory.
+    /// Model: a GGUF file, a Hugging Face model directory, or a Hub reference OWNER/REPO[:FILE][@REV].
     #[arg(short = 'm', long)]
     pub model: PathBuf,
 }
@@ -60,7 +60,7 @@ fn human(bytes: u64) -> String {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    let path = &a.model;
+    let path = &crate::args::resolve_model_path(&a.model)?;
     let ctx = |e: bitnet_engine::Error| e.context(path.display());
     if is_hf_dir(path) {
         let d = HfDir::open(path)?;

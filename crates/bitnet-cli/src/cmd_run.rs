@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Model: a GGUF file or a Hugging Face model directory.
-    #[arg(short = 'm', long)]
+    /// Model: a GGUF file, a Hugging Face model directory, or a Hub reference
+    /// OWNER/REPO[:FILE_OR_QUANT][@REVISION] (downloaded into the Hugging Face cache).
+    #[arg(short = 'm', long, default_value = crate::args::DEFAULT_MODEL)]
     pub model: PathBuf,
     /// The prompt.
     #[arg(

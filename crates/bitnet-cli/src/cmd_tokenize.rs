@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// A GGUF file, a Hugging Face model directory, or a tokenizer.json.
+    /// A GGUF file, a Hugging Face model directory, a tokenizer.json, or a Hub reference.
     #[arg(short = 'm', long)]
     pub model: PathBuf,
     /// Never add the BOS token.
@@ -35,7 +35,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 pub fn run(a: TokenizeArgs) -> Result<()> {
-    let tok = load_tokenizer(&a.model)?;
+    let tok = load_tokenizer(&crate::args::resolve_model_path(&a.model)?)?;
     let mut bytes = Vec::new();
     std::io::stdin().read_to_end(&mut bytes)?;
     let text = String::from_utf8(bytes).map_err(|e| {

@@ -2,10 +2,17 @@
 //! `bitnet-engine`; see README.md for examples.
 
 mod args;
+mod cmd_bench;
 mod cmd_chat;
+mod cmd_convert;
 mod cmd_info;
+mod cmd_list;
 mod cmd_logits;
+mod cmd_perplexity;
+mod cmd_pull;
 mod cmd_run;
+mod cmd_serve;
+mod cmd_synth;
 mod cmd_tokenize;
 
 use clap::{Parser, Subcommand};
@@ -29,12 +36,28 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Chat with a model in the terminal (or line by line through a pipe).
     Chat(cmd_chat::ChatArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with continuous batching.
+    Serve(cmd_serve::ServeArgs),
     /// Show a model's architecture, hyper-parameters and tensors.
     Info(cmd_info::InfoArgs),
     /// Print the logits for exactly the given token ids, as JSON.
     Logits(cmd_logits::LogitsArgs),
     /// Tokenize text read from stdin and print the ids as a JSON array.
     Tokenize(cmd_tokenize::TokenizeArgs),
+    /// Write a synthetic model (random ternary weights, a real model's shapes) for benchmarks.
+    Synth(cmd_synth::SynthArgs),
+    /// Measure prompt processing and generation speed (the llama-bench equivalent).
+    Bench(cmd_bench::BenchArgs),
+    /// Perplexity over a text file, and KL divergence against a reference run's saved logits.
+    Perplexity(cmd_perplexity::PerplexityArgs),
+    /// Download a model from the Hugging Face Hub into its cache; prints the local path.
+    Pull(cmd_pull::PullArgs),
+    /// List the models in the Hugging Face cache, with their sizes.
+    List(cmd_list::ListArgs),
+    /// Remove a model (or one revision of it) from the Hugging Face cache.
+    Rm(cmd_list::RmArgs),
+    /// Convert a Hugging Face directory or a GGUF file to GGUF I2_S, TQ2_0 or TQ1_0.
+    Convert(cmd_convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,9 +72,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a),
         Command::Chat(a) => cmd_chat::run(a),
+        Command::Serve(a) => cmd_serve::run(a),
         Command::Info(a) => cmd_info::run(a),
         Command::Logits(a) => cmd_logits::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
+        Command::Synth(a) => cmd_synth::run(a),
+        Command::Bench(a) => cmd_bench::run(a),
+        Command::Perplexity(a) => cmd_perplexity::run(a),
+        Command::Pull(a) => cmd_pull::run(a),
+        Command::List(a) => cmd_list::run_list(a),
+        Command::Rm(a) => cmd_list::run_rm(a),
+        Command::Convert(a) => cmd_convert::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

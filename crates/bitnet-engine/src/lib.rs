@@ -5,6 +5,7 @@
 //! - [`weights`]: every file format turned into the runtime weight layout.
 //! - [`model`]: the forward pass and the KV cache (one readable function).
 //! - [`tokenizer`], [`sampler`], [`generate`]: text in, tokens out, text back.
+//! - [`synth`]: synthetic models of real shapes, for benchmarks and tests (`bitnet synth`).
 
 pub mod chat;
 pub mod config;
@@ -12,6 +13,8 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod sampler;
+pub mod synth;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 

@@ -21,14 +21,14 @@
 use crate::config::{Activation, Config, RopeStyle};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, BitLinear, Weights};
+pub use crate::weights::HeadType;
 use crate::{bail, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
 use bitnet_kernels::float::{dot_f32, rms_norm, softmax};
 use bitnet_kernels::quant::quantize_row;
 use bitnet_kernels::ternary::{self, padded_len};
-use bitnet_kernels::{Isa, SyncPtr};
-use rayon::prelude::*;
+use bitnet_kernels::{pool, Isa, SyncPtr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +40,14 @@ pub const MAX_CHUNK: usize = 256;
 pub enum ModelFormat {
     Gguf { version: u32 },
     HuggingFace,
+}
+
+/// Options for [`Model::load_with`]; the default is what [`Model::load`] does.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Compute the output head in this type: `None` or `Some(HeadType::F16)` use it as stored;
+    /// `Some(HeadType::Q8_0)` requantizes an owned copy at load (see [`HeadType`]).
+    pub head_type: Option<HeadType>,
 }
 
 pub struct Model {
@@ -58,7 +66,12 @@ impl Model {
     /// Load a GGUF file or a Hugging Face model directory; the format is detected from the
     /// content. Errors name the path.
     pub fn load(path: &Path) -> Result<Model> {
-        Self::load_inner(path).map_err(|e| {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options (output head type).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        Self::load_inner(path, opts).map_err(|e| {
             if e.message.starts_with(&path.display().to_string()) {
                 e
             } else {
@@ -67,7 +80,7 @@ impl Model {
         })
     }
 
-    fn load_inner(path: &Path) -> Result<Model> {
+    fn load_inner(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let mut warnings = Vec::new();
         let (format, config, weights, tokenizer) = if is_hf_dir(path) {
             let d = HfDir::open(path)?;
@@ -111,6 +124,10 @@ impl Model {
                     config.n_vocab
                 );
             }
+        }
+        let mut weights = weights;
+        if let Some(t) = opts.head_type {
+            weights.requantize_head(t)?;
         }
         let hd = config.head_dim;
         let inv_freq = (0..hd / 2)
@@ -392,7 +409,7 @@ impl Model {
             );
         }
         let v = c.n_vocab;
-        self.weights.head().matmul(
+        self.weights.head_matmul(
             self.isa,
             &sc.xn[..rows.len() * e],
             rows.len(),
@@ -466,28 +483,39 @@ fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let nt = tok_seq.len();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    (0..nt * c.n_head)
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, job| {
-            let (t, h) = (job / c.n_head, job % c.n_head);
-            let (kc, vc) = caches[tok_seq[t]];
-            let n_keys = tok_pos[t] + 1;
-            let qh = &q[t * q_dim + h * hd..][..hd];
-            let kvh = (h / group) * hd;
-            scores.clear();
-            scores.extend((0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale));
-            softmax(scores);
-            // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd)
-            };
-            o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
-                    *oi += p * vi;
+    thread_local! {
+        /// Attention scores of one (token, head) job; kept per thread (the pool's threads
+        /// persist), so decoding allocates nothing here.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // Later tokens attend to more keys: several ranges per thread, claimed as threads free up.
+    pool::for_ranges_split(nt * c.n_head, 1, 1, 4, |jobs| {
+        SCORES.with(|scores| {
+            let scores = &mut *scores.borrow_mut();
+            for job in jobs {
+                let (t, h) = (job / c.n_head, job % c.n_head);
+                let (kc, vc) = caches[tok_seq[t]];
+                let n_keys = tok_pos[t] + 1;
+                let qh = &q[t * q_dim + h * hd..][..hd];
+                let kvh = (h / group) * hd;
+                scores.clear();
+                scores.extend(
+                    (0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale),
+                );
+                softmax(scores);
+                // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd)
+                };
+                o.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
+                        *oi += p * vi;
+                    }
                 }
             }
-        });
+        })
+    });
 }
 
 /// int8 activations of several tokens, each row padded to a multiple of 128.

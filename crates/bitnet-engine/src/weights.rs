@@ -4,7 +4,8 @@
 //!   (see `bitnet_kernels::ternary`) and one f32 output scale `beta`. I2_S files whose rows are
 //!   whole 128-blocks (2B4T) are used straight from the memory map; everything else is repacked
 //!   once at load. No f32 copy of a ternary matrix is ever made.
-//! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]).
+//! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]);
+//!   the head can also be requantized at load to 8-bit blocks ([`HeadType`], an owned copy).
 //! - Norm weights are small and become `Vec<f32>`.
 
 use crate::config::Config;
@@ -12,7 +13,8 @@ use crate::{bail, Error, Result};
 use bitnet_formats::codecs::{self, ternary_row};
 use bitnet_formats::safetensors_dir::{HfDir, HfTensor};
 use bitnet_formats::{GgmlType, GgufFile, TensorInfo};
-use bitnet_kernels::float::{dot_f16, dot_f32, par_rows};
+use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
+use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
 use bitnet_kernels::Isa;
 use memmap2::Mmap;
@@ -138,9 +140,7 @@ impl FloatMatrix {
     /// `out[t * rows + r] = row_r . x_t` for `n_tok` inputs of `cols` values (the output head).
     pub fn matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
         match self.dtype {
-            GgmlType::F16 => par_rows(self.rows, n_tok, self.cols, x, out, |r, xt| {
-                dot_f16(isa, self.row_bytes(r), xt)
-            }),
+            GgmlType::F16 => matmul_f16(isa, &self.data, self.rows, self.cols, x, n_tok, out),
             _ => {
                 // Decode the row into a per-thread buffer, then dot. Used for F32/BF16/Q8_0/Q6_K.
                 thread_local! {
@@ -178,13 +178,102 @@ pub struct Weights {
     pub embed: FloatMatrix,
     /// Untied output head; `None` means the embedding is the head.
     pub head: Option<FloatMatrix>,
+    /// The head requantized at load ([`Weights::requantize_head`]); when present the logits
+    /// are computed from it instead of [`Weights::head`].
+    pub head_q8: Option<Q8Matrix>,
     pub output_norm: Vec<f32>,
     pub layers: Vec<Layer>,
+}
+
+/// How the output head is computed (`--head-type`). Names follow ggml's type names.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadType {
+    /// As stored in the file (F16 for the official 2B4T GGUF).
+    F16,
+    /// Requantized at load to 8-bit blocks of 32 (ggml's Q8_0 with f32 scales), multiplied
+    /// with the final-norm output quantized the same way: about half the bytes of F16.
+    Q8_0,
+    /// 6-bit k-quants: accepted by the parser, not implemented yet (load fails clearly).
+    Q6_K,
+}
+
+impl HeadType {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadType::F16 => "f16",
+            HeadType::Q8_0 => "q8_0",
+            HeadType::Q6_K => "q6_k",
+        }
+    }
+}
+
+impl std::str::FromStr for HeadType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<HeadType> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f16" => Ok(HeadType::F16),
+            "q8_0" | "q8" => Ok(HeadType::Q8_0),
+            "q6_k" | "q6k" => Ok(HeadType::Q6_K),
+            _ => Err(Error::new(format!(
+                "unknown head type {s:?}: expected f16 (as stored in the file), q8_0 or q6_k"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for HeadType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Weights {
     pub fn head(&self) -> &FloatMatrix {
         self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Use `t` for the output head: `F16` keeps the stored matrix; `Q8_0` makes an owned
+    /// 8-bit copy (the stored one stays, for embedding lookups when tied) and gives the
+    /// memory-map pages read to build it back to the kernel.
+    pub fn requantize_head(&mut self, t: HeadType) -> Result<()> {
+        match t {
+            HeadType::F16 => self.head_q8 = None,
+            HeadType::Q8_0 => {
+                let h = self.head();
+                let q = Q8Matrix::from_rows(h.rows, h.cols, |r, out| h.row(r, out));
+                if let Bytes::Mapped(map, range) = &h.data {
+                    // SAFETY: a read-only file mapping: dropping its pages only means they are
+                    // read from the file again if touched; no data is lost.
+                    unsafe {
+                        let _ = map.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            range.start,
+                            range.len(),
+                        );
+                    }
+                }
+                self.head_q8 = Some(q);
+            }
+            HeadType::Q6_K => bail!("--head-type q6_k is not implemented yet; use q8_0 or f16"),
+        }
+        Ok(())
+    }
+
+    /// The head's type as used: the stored type, or "Q8_0 (requantized)".
+    pub fn head_type_name(&self) -> String {
+        match &self.head_q8 {
+            Some(_) => "Q8_0 (requantized)".to_string(),
+            None => self.head().dtype.name().to_string(),
+        }
+    }
+
+    /// Logits: `out[t * n_vocab + v] = head_v . x_t` for `n_tok` final-norm outputs.
+    pub fn head_matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
+        match &self.head_q8 {
+            Some(q) => q.matmul(isa, x, n_tok, out),
+            None => self.head().matmul(isa, x, n_tok, out),
+        }
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &BitLinear> {
@@ -445,6 +534,7 @@ pub fn load_gguf_weights(g: &GgufFile, c: &Config, warnings: &mut Vec<String>) -
         } else {
             Some(gguf_matrix(g, "output.weight", c.n_vocab, e)?)
         },
+        head_q8: None,
         output_norm: gguf_floats(g, "output_norm.weight", &[e])?,
         layers,
     })
@@ -642,6 +732,7 @@ pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Res
         } else {
             Some(hf_matrix(d, "lm_head.weight", c.n_vocab, e)?)
         },
+        head_q8: None,
         output_norm: hf_floats(d, "model.norm.weight", e)?,
         layers,
     })

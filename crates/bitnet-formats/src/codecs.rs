@@ -211,64 +211,282 @@ pub fn ternary_row(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Encoders (used by `bitnet convert`). Ternary codes are `w + 1` in {0, 1, 2}.
+
+/// I2_S bytes of a whole tensor: `codes` is the flattened tensor (row-major, `n` a multiple of
+/// 128), cut into 128-weight blocks of 32 bytes that run across row boundaries, then the f32
+/// `scale` and 28 zero bytes (`n/4 + 32` bytes), exactly as bitnet.cpp lays it out.
+pub fn encode_i2s(codes: &[u8], scale: f32) -> Result<Vec<u8>> {
+    let n = codes.len();
+    if !n.is_multiple_of(128) {
+        bail!("I2_S needs a multiple of 128 elements, got {n}");
+    }
+    let mut out = vec![0u8; n / 4 + 32];
+    for (e, &c) in codes.iter().enumerate() {
+        if c > 2 {
+            bail!("invalid ternary code {c} at element {e}");
+        }
+        let (block, j) = (e / 128, e % 128);
+        out[block * 32 + j % 32] |= c << (6 - 2 * (j / 32));
+    }
+    out[n / 4..n / 4 + 4].copy_from_slice(&scale.to_le_bytes());
+    Ok(out)
+}
+
+/// The f16 `d` of one ternary block: the scale, or 0 for an all-zero block (what ggml's
+/// reference quantizers write, since `d` is the block's max |w|).
+fn block_d(codes: &[u8], scale: f32) -> [u8; 2] {
+    let d = if codes.iter().all(|&c| c == 1) {
+        0.0
+    } else {
+        scale
+    };
+    f16::from_f32(d).to_le_bytes()
+}
+
+fn check_ternary_row(codes: &[u8], dtype: GgmlType) -> Result<()> {
+    if !codes.len().is_multiple_of(256) {
+        bail!(
+            "{dtype} needs rows that are a multiple of 256 elements, got {}",
+            codes.len()
+        );
+    }
+    if let Some(i) = codes.iter().position(|&c| c > 2) {
+        bail!("invalid ternary code {} at element {i}", codes[i]);
+    }
+    Ok(())
+}
+
+/// Append one row of TQ2_0 blocks (66 bytes per 256 weights: qs[64], f16 d), as ggml's
+/// `quantize_row_tq2_0_ref` writes a row holding `(code - 1) * scale`.
+pub fn encode_tq2_0_row(codes: &[u8], scale: f32, out: &mut Vec<u8>) -> Result<()> {
+    check_ternary_row(codes, GgmlType::TQ2_0)?;
+    for blk in codes.chunks_exact(256) {
+        let mut qs = [0u8; 64];
+        for (e, &c) in blk.iter().enumerate() {
+            qs[(e / 128) * 32 + e % 32] |= c << (2 * ((e % 128) / 32));
+        }
+        out.extend_from_slice(&qs);
+        out.extend_from_slice(&block_d(blk, scale));
+    }
+    Ok(())
+}
+
+/// Append one row of TQ1_0 blocks (54 bytes per 256 weights: qs[48], qh[4], f16 d), packed as
+/// ggml's `quantize_row_tq1_0_ref`: 5 trits per byte (4 in `qh`) as a base-3 number, most
+/// significant trit first, scaled to 256/243 and rounded up.
+pub fn encode_tq1_0_row(codes: &[u8], scale: f32, out: &mut Vec<u8>) -> Result<()> {
+    check_ternary_row(codes, GgmlType::TQ1_0)?;
+    fn pack(trits: impl Iterator<Item = u8>, n: usize) -> u8 {
+        let mut q: u16 = 0;
+        for t in trits {
+            q = q * 3 + t as u16;
+        }
+        for _ in n..5 {
+            q *= 3;
+        }
+        (q * 256).div_ceil(243) as u8
+    }
+    for t in codes.chunks_exact(256) {
+        let mut bytes = [0u8; 54];
+        for m in 0..32 {
+            bytes[m] = pack((0..5).map(|n| t[n * 32 + m]), 5);
+        }
+        for m in 0..16 {
+            bytes[32 + m] = pack((0..5).map(|n| t[160 + n * 16 + m]), 5);
+        }
+        for j in 0..4 {
+            bytes[48 + j] = pack((0..4).map(|n| t[240 + n * 4 + j]), 4);
+        }
+        bytes[52..54].copy_from_slice(&block_d(t, scale));
+        out.extend_from_slice(&bytes);
+    }
+    Ok(())
+}
+
+/// Append one row as Q8_0 (32-element blocks: f16 d = max|x| / 127, i8 q = round(x / d), ties
+/// away from zero), as ggml's `quantize_row_q8_0_ref`.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    if !x.len().is_multiple_of(32) {
+        bail!(
+            "Q8_0 needs rows that are a multiple of 32 elements, got {}",
+            x.len()
+        );
+    }
+    for blk in x.chunks_exact(32) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(blk.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    Ok(())
+}
+
+/// ggml's `nearest_int`: round to nearest, ties to even.
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (the form Q6_K's
+/// reference quantizer uses): the scale of a group and its levels `L` (offset by `nmax`).
+fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let mut iscale = -nmaxf / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let l = quant(iscale, v);
+        l_out[i] = (l + nmax) as i8;
+        let w = v * v;
+        sumlx += w * v * l as f32;
+        suml2 += w * l as f32 * l as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmaxf + 0.1 * is as f32) / max;
+        let (mut slx, mut sl2) = (0f32, 0f32);
+        for &v in x {
+            let l = quant(iscale, v);
+            let w = v * v;
+            slx += w * v * l as f32;
+            sl2 += w * l as f32 * l as f32;
+        }
+        if sl2 > 0.0 && slx * slx > best * sl2 {
+            for (i, &v) in x.iter().enumerate() {
+                l_out[i] = (nmax + quant(iscale, v)) as i8;
+            }
+            scale = slx / sl2;
+            best = scale * slx;
+        }
+    }
+    scale
+}
+
+/// Append one row as Q6_K (256-element blocks of 210 bytes: ql[128], qh[64], i8 scales[16],
+/// f16 d), following ggml's `quantize_row_q6_K_ref`.
+pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    if !x.len().is_multiple_of(256) {
+        bail!(
+            "Q6_K needs rows that are a multiple of 256 elements, got {}",
+            x.len()
+        );
+    }
+    for xb in x.chunks_exact(256) {
+        let mut l = [0i8; 256];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+        for ib in 0..16 {
+            let s = make_qx_quants(
+                32,
+                &xb[16 * ib..16 * ib + 16],
+                &mut l[16 * ib..16 * ib + 16],
+            );
+            scales[ib] = s;
+            if s.abs() > max_abs_scale {
+                max_abs_scale = s.abs();
+                max_scale = s;
+            }
+        }
+        let mut blk = [0u8; 210];
+        if max_abs_scale < 1e-15 {
+            out.extend_from_slice(&blk);
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        let d = f16::from_f32(1.0 / iscale);
+        blk[208..210].copy_from_slice(&d.to_le_bytes());
+        let mut sc = [0i8; 16];
+        for ib in 0..16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+            blk[192 + ib] = sc[ib] as u8;
+        }
+        for j in 0..16 {
+            let dj = d.to_f32() * sc[j] as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(xb[16 * j + ii] / dj).clamp(-32, 31);
+                l[16 * j + ii] = (q + 32) as i8;
+            }
+        }
+        let (ql, qh) = blk[..192].split_at_mut(128);
+        for (half, j) in [0usize, 128].into_iter().enumerate() {
+            let ql = &mut ql[64 * half..];
+            let qh = &mut qh[32 * half..];
+            for i in 0..32 {
+                let q = |k: usize| l[j + i + k] as u8;
+                ql[i] = (q(0) & 0xF) | ((q(64) & 0xF) << 4);
+                ql[i + 32] = (q(32) & 0xF) | ((q(96) & 0xF) << 4);
+                qh[i] =
+                    (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+            }
+        }
+        out.extend_from_slice(&blk);
+    }
+    Ok(())
+}
+
+/// Append one row of f32 values in a float or block-quantized type (F32, F16, BF16, Q8_0,
+/// Q6_K): the embedding and output head of a converted model.
+pub fn quantize_row(dtype: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    match dtype {
+        GgmlType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F16 => x
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+        GgmlType::BF16 => x
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        GgmlType::Q8_0 => quantize_row_q8_0(x, out)?,
+        GgmlType::Q6_K => quantize_row_q6_k(x, out)?,
+        other => bail!("cannot quantize floats to {other}"),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Encoders written from the layout description, independently of the decoders above.
+    /// The public encoders, taking values in {-1, 0, 1}.
+    fn codes(vals: &[i8]) -> Vec<u8> {
+        vals.iter().map(|&v| (v + 1) as u8).collect()
+    }
+
     fn encode_i2s(vals: &[i8], scale: f32) -> Vec<u8> {
-        let mut out = vec![0u8; vals.len() / 4 + 32];
-        for (e, &v) in vals.iter().enumerate() {
-            let (block, j) = (e / 128, e % 128);
-            out[block * 32 + j % 32] |= ((v + 1) as u8) << (6 - 2 * (j / 32));
-        }
-        let n4 = vals.len() / 4;
-        out[n4..n4 + 4].copy_from_slice(&scale.to_le_bytes());
-        out
+        super::encode_i2s(&codes(vals), scale).unwrap()
     }
 
     fn encode_tq2(vals: &[i8], d: f32) -> Vec<u8> {
         let mut out = Vec::new();
-        for blk in vals.chunks(256) {
-            let mut qs = [0u8; 64];
-            for (e, &v) in blk.iter().enumerate() {
-                qs[(e / 128) * 32 + e % 32] |= ((v + 1) as u8) << (2 * ((e % 128) / 32));
-            }
-            out.extend_from_slice(&qs);
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        }
+        encode_tq2_0_row(&codes(vals), d, &mut out).unwrap();
         out
     }
 
-    /// ggml's quantize_row_tq1_0_ref packing, restated: 5 trits per byte as a base-3 number
-    /// scaled to 256/243 (rounded up), most significant trit first.
     fn encode_tq1(vals: &[i8], d: f32) -> Vec<u8> {
-        let pack = |trits: &[u8]| -> u8 {
-            let mut q: u16 = 0;
-            for &t in trits {
-                q = q * 3 + t as u16;
-            }
-            for _ in trits.len()..5 {
-                q *= 3;
-            }
-            (q * 256).div_ceil(243) as u8
-        };
         let mut out = Vec::new();
-        for blk in vals.chunks(256) {
-            let t: Vec<u8> = blk.iter().map(|&v| (v + 1) as u8).collect();
-            let mut bytes = [0u8; 54];
-            for m in 0..32 {
-                bytes[m] = pack(&(0..5).map(|n| t[n * 32 + m]).collect::<Vec<_>>());
-            }
-            for m in 0..16 {
-                bytes[32 + m] = pack(&(0..5).map(|n| t[160 + n * 16 + m]).collect::<Vec<_>>());
-            }
-            for j in 0..4 {
-                bytes[48 + j] = pack(&(0..4).map(|n| t[240 + n * 4 + j]).collect::<Vec<_>>());
-            }
-            bytes[52..54].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend_from_slice(&bytes);
-        }
+        encode_tq1_0_row(&codes(vals), d, &mut out).unwrap();
         out
     }
 
@@ -369,5 +587,70 @@ mod tests {
             let sc = (8 * half + l / 16 + 2 * k + 1) as f32;
             assert_eq!(v, 0.5 * sc, "element {e}");
         }
+    }
+
+    #[test]
+    fn encoders_match_the_layout_description() {
+        // I2_S: element j of a block in byte j % 32 at bits 6 - 2 * (j / 32); scale; zeros.
+        let mut vals = vec![0i8; 256];
+        vals[0] = 1;
+        vals[33] = -1;
+        vals[128 + 127] = 1;
+        let d = encode_i2s(&vals, 0.5);
+        assert_eq!(d.len(), 64 + 32);
+        assert_eq!(d[0], 0b10_01_01_01);
+        assert_eq!(d[1], 0b01_00_01_01);
+        assert_eq!(d[32 + 31], 0b01_01_01_10);
+        assert_eq!(f32_at(&d[64..68], 0), 0.5);
+        assert!(d[68..].iter().all(|&b| b == 0));
+        assert!(super::encode_i2s(&[1; 100], 1.0).is_err());
+        // An all-zero TQ block stores d = 0, like ggml's reference quantizer.
+        let mut vals = pseudo_ternary(512, 9);
+        vals[256..].iter_mut().for_each(|v| *v = 0);
+        for data in [encode_tq2(&vals, 0.25), encode_tq1(&vals, 0.25)] {
+            let bb = data.len() / 2;
+            assert_eq!(f16_at(&data[bb - 2..bb], 0), 0.25);
+            assert_eq!(f16_at(&data[2 * bb - 2..], 0), 0.0);
+        }
+    }
+
+    #[test]
+    fn q8_0_and_q6_k_quantizers_round_trip_closely() {
+        let mut s = 11u32;
+        let x: Vec<f32> = (0..512)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect();
+        for (dtype, tol) in [
+            (GgmlType::Q8_0, 0.2 / 2.0 / 127.0),
+            (GgmlType::Q6_K, 0.1 / 28.0),
+        ] {
+            let mut q = Vec::new();
+            quantize_row(dtype, &x, &mut q).unwrap();
+            assert_eq!(q.len() as u64, dtype.data_size(512, 512).unwrap());
+            let mut y = vec![0f32; 512];
+            dequantize_row(dtype, &q, &mut y).unwrap();
+            let err = x
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= tol, "{dtype}: max error {err}");
+        }
+        // Q8_0 errors stay within half a step plus the f16 rounding of d.
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.5).collect();
+        let mut q = Vec::new();
+        quantize_row_q8_0(&x, &mut q).unwrap();
+        let mut y = vec![0f32; 32];
+        dequantize_row(GgmlType::Q8_0, &q, &mut y).unwrap();
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() <= 8.0 / 127.0 / 2.0 + 8.0 * 2e-3, "{a} {b}");
+        }
+        // All zeros stay zeros.
+        let mut q = Vec::new();
+        quantize_row_q6_k(&[0.0; 256], &mut q).unwrap();
+        assert!(q.iter().all(|&b| b == 0));
     }
 }

@@ -795,6 +795,148 @@ impl GgufWriter {
     }
 }
 
+/// A GGUF writer that streams tensor data to any `Write` (a file), one tensor at a time, so a
+/// converter never holds more than the tensor it is writing. The tensor table (names, dims,
+/// types) is given up front, since the header with every offset comes first; the data of each
+/// tensor is then written in that order, in as many pieces as convenient, and checked against
+/// its size. Alignment is `general.alignment` when the metadata has it, else 32.
+pub struct GgufStreamWriter<W: std::io::Write> {
+    out: W,
+    alignment: u64,
+    /// (name, data size) of every tensor, in file order.
+    plan: Vec<(String, u64)>,
+    /// Index of the tensor being written.
+    next: usize,
+    /// Bytes of it written so far.
+    done: u64,
+    /// Bytes written to `out`.
+    pos: u64,
+}
+
+impl<W: std::io::Write> GgufStreamWriter<W> {
+    /// Write the header (GGUF v3): metadata, then the tensor table `(name, dims innermost
+    /// first, type)`, padded to the alignment.
+    pub fn new(
+        out: W,
+        metadata: &[(String, MetaValue)],
+        tensors: &[(String, Vec<u64>, GgmlType)],
+    ) -> Result<GgufStreamWriter<W>> {
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, v)) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() => a,
+                _ => bail!("general.alignment must be a power of two"),
+            },
+        };
+        let mut head = Vec::new();
+        head.extend_from_slice(GGUF_MAGIC);
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+        for (k, v) in metadata {
+            head.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            head.extend_from_slice(k.as_bytes());
+            head.extend_from_slice(&value_type_id(v).to_le_bytes());
+            write_value(&mut head, v);
+        }
+        let mut rel = 0u64;
+        let mut plan = Vec::with_capacity(tensors.len());
+        for (name, dims, ty) in tensors {
+            if dims.is_empty() || dims.len() > MAX_DIMS as usize {
+                bail!(
+                    "tensor {name:?}: {} dimensions (1 to {MAX_DIMS} allowed)",
+                    dims.len()
+                );
+            }
+            let n = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| FormatError::new(format!("tensor {name:?}: dimensions overflow")))?;
+            let size = ty
+                .data_size(dims[0], n)
+                .map_err(|e| e.context(format!("tensor {name:?}")))?;
+            head.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                head.extend_from_slice(&d.to_le_bytes());
+            }
+            head.extend_from_slice(&ty.id().to_le_bytes());
+            head.extend_from_slice(&rel.to_le_bytes());
+            plan.push((name.clone(), size));
+            rel = align_up(rel + size, alignment);
+        }
+        let data_start = align_up(head.len() as u64, alignment) as usize;
+        head.resize(data_start, 0);
+        let mut w = GgufStreamWriter {
+            out,
+            alignment,
+            plan,
+            next: 0,
+            done: 0,
+            pos: 0,
+        };
+        w.put(&head)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The name of the tensor whose data comes next, if any.
+    pub fn current(&self) -> Option<&str> {
+        self.plan.get(self.next).map(|(n, _)| n.as_str())
+    }
+
+    /// Append bytes to the current tensor's data.
+    pub fn write_data(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some((name, size)) = self.plan.get(self.next) else {
+            bail!("all tensors are already written");
+        };
+        if self.done + bytes.len() as u64 > *size {
+            bail!("tensor {name:?}: more than its {size} bytes of data");
+        }
+        self.done += bytes.len() as u64;
+        self.put(bytes)
+    }
+
+    /// Finish the current tensor (its data must be complete) and pad to the alignment.
+    pub fn end_tensor(&mut self) -> Result<()> {
+        let Some((name, size)) = self.plan.get(self.next) else {
+            bail!("all tensors are already written");
+        };
+        if self.done != *size {
+            bail!(
+                "tensor {name:?}: {} of its {size} bytes of data written",
+                self.done
+            );
+        }
+        let pad = align_up(self.pos, self.alignment) - self.pos;
+        self.put(&vec![0u8; pad as usize])?;
+        self.next += 1;
+        self.done = 0;
+        Ok(())
+    }
+
+    /// Write the whole data of the current tensor.
+    pub fn write_tensor(&mut self, bytes: &[u8]) -> Result<()> {
+        self.write_data(bytes)?;
+        self.end_tensor()
+    }
+
+    /// Check that every tensor was written, flush, and hand back the writer.
+    pub fn finish(mut self) -> Result<W> {
+        if let Some(name) = self.current() {
+            bail!("tensor {name:?} was never written");
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -924,5 +1066,29 @@ mod tests {
             .unwrap_err()
             .message
             .contains("magic"));
+    }
+
+    #[test]
+    fn the_stream_writer_writes_what_to_bytes_writes() {
+        let w = sample();
+        let tensors: Vec<(String, Vec<u64>, GgmlType)> = w
+            .tensors
+            .iter()
+            .map(|(n, d, t, _)| (n.clone(), d.clone(), GgmlType::from_id(*t).unwrap()))
+            .collect();
+        let mut sw = GgufStreamWriter::new(Vec::new(), &w.metadata, &tensors).unwrap();
+        // The first tensor in two pieces.
+        let first = &w.tensors[0].3;
+        sw.write_data(&first[..5]).unwrap();
+        assert!(sw.end_tensor().is_err());
+        sw.write_data(&first[5..]).unwrap();
+        sw.end_tensor().unwrap();
+        assert!(sw.write_data(&[0; 65]).is_err());
+        assert_eq!(sw.current(), Some("t.i2s"));
+        sw.write_tensor(&w.tensors[1].3).unwrap();
+        assert_eq!(sw.finish().unwrap(), w.to_bytes());
+
+        let sw = GgufStreamWriter::new(Vec::new(), &w.metadata, &tensors).unwrap();
+        assert!(sw.finish().unwrap_err().message.contains("t.f32"));
     }
 }

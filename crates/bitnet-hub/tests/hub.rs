@@ -21,31 +21,35 @@ fn data(rel: &str) -> PathBuf {
 /// `test/tiny-gguf` (three GGUF files and a README) and `test/tiny-hf` (a safetensors model
 /// directory).
 fn server() -> HubServer {
-    let readme = std::env::temp_dir().join(format!("bitnet-hub-readme-{}", std::process::id()));
-    std::fs::write(&readme, "# tiny\n").unwrap();
-    let s = HubServer::start(vec![
-        repo_from_files(
-            "test/tiny-gguf",
-            COMMIT,
-            &[
-                ("README.md", &readme, false),
-                ("tiny-tq1_0.gguf", &data("gguf/tiny-tq1_0.gguf"), true),
-                ("tiny-tq2_0.gguf", &data("gguf/tiny-tq2_0.gguf"), true),
-                ("tiny-i2_s.gguf", &data("gguf/tiny-i2_s.gguf"), true),
-            ],
-        ),
-        repo_from_files(
-            "test/tiny-hf",
-            HF_COMMIT,
-            &[
-                ("README.md", &readme, false),
-                ("config.json", &data("checkpoint_packed/config.json"), false),
-                ("model.safetensors", &data("checkpoint_packed/model.safetensors"), true),
-            ],
-        ),
-    ]);
-    let _ = std::fs::remove_file(&readme);
-    s
+    let readme = || support::RepoFile {
+        name: "README.md".into(),
+        data: b"# tiny\n".to_vec(),
+        lfs: false,
+    };
+    let mut gguf = repo_from_files(
+        "test/tiny-gguf",
+        COMMIT,
+        &[
+            ("tiny-tq1_0.gguf", &data("gguf/tiny-tq1_0.gguf"), true),
+            ("tiny-tq2_0.gguf", &data("gguf/tiny-tq2_0.gguf"), true),
+            ("tiny-i2_s.gguf", &data("gguf/tiny-i2_s.gguf"), true),
+        ],
+    );
+    gguf.files.insert(0, readme());
+    let mut hf = repo_from_files(
+        "test/tiny-hf",
+        HF_COMMIT,
+        &[
+            ("config.json", &data("checkpoint_packed/config.json"), false),
+            (
+                "model.safetensors",
+                &data("checkpoint_packed/model.safetensors"),
+                true,
+            ),
+        ],
+    );
+    hf.files.insert(0, readme());
+    HubServer::start(vec![gguf, hf])
 }
 
 fn hub(endpoint: &str, cache: &Path) -> Hub {
@@ -79,7 +83,13 @@ fn downloads_a_gguf_repository_into_the_standard_cache_layout() {
     let p = h.resolve(&r("test/tiny-gguf")).unwrap();
     // The default file is the I2_S one.
     let repo_dir = tmp.path().join("models--test--tiny-gguf");
-    assert_eq!(p, repo_dir.join("snapshots").join(COMMIT).join("tiny-i2_s.gguf"));
+    assert_eq!(
+        p,
+        repo_dir
+            .join("snapshots")
+            .join(COMMIT)
+            .join("tiny-i2_s.gguf")
+    );
     assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
     // huggingface_hub's layout: a relative symlink to blobs/<sha256>, refs/main = commit.
     let sha = sha256_of(&data("gguf/tiny-i2_s.gguf"));
@@ -93,10 +103,26 @@ fn downloads_a_gguf_repository_into_the_standard_cache_layout() {
         COMMIT
     );
     let log = srv.log();
-    assert!(log[0].starts_with("GET /api/models/test/tiny-gguf/revision/main"), "{log:?}");
-    assert!(log.iter().any(|l| l.starts_with(&format!("HEAD /test/tiny-gguf/resolve/{COMMIT}/tiny-i2_s.gguf"))), "{log:?}");
-    assert!(log.iter().any(|l| l.starts_with(&format!("GET /cdn-lfs/{sha}"))), "{log:?}");
-    assert!(!log.iter().any(|l| l.contains("tq2_0") || l.contains("README")), "{log:?}");
+    assert!(
+        log[0].starts_with("GET /api/models/test/tiny-gguf/revision/main"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.starts_with(&format!(
+            "HEAD /test/tiny-gguf/resolve/{COMMIT}/tiny-i2_s.gguf"
+        ))),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with(&format!("GET /cdn-lfs/{sha}"))),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("tq2_0") || l.contains("README")),
+        "{log:?}"
+    );
 
     // Cache reuse: the second time only the model-info call is made.
     srv.clear_log();
@@ -106,7 +132,9 @@ fn downloads_a_gguf_repository_into_the_standard_cache_layout() {
     // `:quant` (any case) and `:file` pick other files; the I2_S blob is not fetched again.
     let tq2 = h.resolve(&r("test/tiny-gguf:TQ2_0")).unwrap();
     assert!(same_bytes(&tq2, &data("gguf/tiny-tq2_0.gguf")));
-    let tq1 = h.resolve(&r(&format!("test/tiny-gguf:tiny-tq1_0.gguf@{COMMIT}"))).unwrap();
+    let tq1 = h
+        .resolve(&r(&format!("test/tiny-gguf:tiny-tq1_0.gguf@{COMMIT}")))
+        .unwrap();
     assert!(same_bytes(&tq1, &data("gguf/tiny-tq1_0.gguf")));
     let e = h.resolve(&r("test/tiny-gguf:q4_0")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidReference);
@@ -125,7 +153,10 @@ fn downloads_a_safetensors_repository_as_a_model_directory() {
             .join("models--test--tiny-hf/snapshots")
             .join(HF_COMMIT)
     );
-    assert!(same_bytes(&dir.join("config.json"), &data("checkpoint_packed/config.json")));
+    assert!(same_bytes(
+        &dir.join("config.json"),
+        &data("checkpoint_packed/config.json")
+    ));
     assert!(same_bytes(
         &dir.join("model.safetensors"),
         &data("checkpoint_packed/model.safetensors")
@@ -152,7 +183,10 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     srv.state.lock().unwrap().drop_after = Some(300_000);
     let e = h.resolve(&r("test/tiny-gguf:i2_s")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Network, "{e}");
-    assert!(e.message.contains("interrupted") && e.message.contains("resume"), "{e}");
+    assert!(
+        e.message.contains("interrupted") && e.message.contains("resume"),
+        "{e}"
+    );
     let sha = sha256_of(&data("gguf/tiny-i2_s.gguf"));
     let rc = RepoCache::new(tmp.path(), "test/tiny-gguf");
     let partial = rc.incomplete_path(&sha).metadata().unwrap().len();
@@ -165,7 +199,8 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
     let log = srv.log();
     assert!(
-        log.iter().any(|l| l.starts_with(&format!("GET /cdn-lfs/{sha} range=bytes={partial}-"))),
+        log.iter()
+            .any(|l| l.starts_with(&format!("GET /cdn-lfs/{sha} range=bytes={partial}-"))),
         "{log:?}"
     );
     assert!(!rc.incomplete_path(&sha).exists());
@@ -180,7 +215,10 @@ fn a_checksum_mismatch_keeps_the_partial_file_and_never_uses_it() {
     let e = h.resolve(&r("test/tiny-gguf")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::ChecksumMismatch, "{e}");
     let sha = sha256_of(&data("gguf/tiny-i2_s.gguf"));
-    assert!(e.message.contains("checksum mismatch") && e.message.contains(&sha), "{e}");
+    assert!(
+        e.message.contains("checksum mismatch") && e.message.contains(&sha),
+        "{e}"
+    );
     assert!(!e.message.contains('\n'));
     let rc = RepoCache::new(tmp.path(), "test/tiny-gguf");
     assert!(rc.incomplete_path(&sha).is_file());
@@ -205,10 +243,16 @@ fn missing_repositories_revisions_and_files_are_404() {
     let h = hub(&srv.url, tmp.path());
     let e = h.resolve(&r("test/nope")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    assert!(e.message.contains("test/nope") && e.message.contains("404"), "{e}");
+    assert!(
+        e.message.contains("test/nope") && e.message.contains("404"),
+        "{e}"
+    );
     let e = h.resolve(&r("test/tiny-gguf@v9")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    assert!(e.message.contains("revision") && e.message.contains("v9"), "{e}");
+    assert!(
+        e.message.contains("revision") && e.message.contains("v9"),
+        "{e}"
+    );
     let e = h.resolve(&r("test/tiny-gguf:nothing.gguf")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidReference);
     assert!(e.message.contains("nothing.gguf"), "{e}");
@@ -219,9 +263,14 @@ fn private_repositories_need_hf_token_sent_as_a_bearer_token() {
     let srv = server();
     srv.state.lock().unwrap().token = Some("hf_secret".into());
     let tmp = tempfile::tempdir().unwrap();
-    let e = hub(&srv.url, tmp.path()).resolve(&r("test/tiny-gguf")).unwrap_err();
+    let e = hub(&srv.url, tmp.path())
+        .resolve(&r("test/tiny-gguf"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized);
-    assert!(e.message.contains("HF_TOKEN") && e.message.contains("401"), "{e}");
+    assert!(
+        e.message.contains("HF_TOKEN") && e.message.contains("401"),
+        "{e}"
+    );
 
     let mut cfg = HubConfig {
         endpoint: srv.url.clone(),
@@ -230,7 +279,9 @@ fn private_repositories_need_hf_token_sent_as_a_bearer_token() {
         offline: false,
         progress: false,
     };
-    let e = Hub::new(cfg.clone()).resolve(&r("test/tiny-gguf")).unwrap_err();
+    let e = Hub::new(cfg.clone())
+        .resolve(&r("test/tiny-gguf"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unauthorized);
     assert!(e.message.contains("refused the token"), "{e}");
 
@@ -256,9 +307,14 @@ fn offline_mode_uses_only_the_cache() {
         offline: true,
         progress: false,
     };
-    let e = Hub::new(cfg.clone()).resolve(&r("test/tiny-gguf")).unwrap_err();
+    let e = Hub::new(cfg.clone())
+        .resolve(&r("test/tiny-gguf"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotCached);
-    assert!(e.message.contains("HF_HUB_OFFLINE") && e.message.contains("bitnet pull"), "{e}");
+    assert!(
+        e.message.contains("HF_HUB_OFFLINE") && e.message.contains("bitnet pull"),
+        "{e}"
+    );
     assert!(srv.log().is_empty());
 
     cfg.offline = false;
@@ -268,7 +324,11 @@ fn offline_mode_uses_only_the_cache() {
     cfg.offline = true;
     let off = Hub::new(cfg.clone());
     assert_eq!(off.resolve(&r("test/tiny-gguf")).unwrap(), online);
-    assert_eq!(off.resolve(&r(&format!("test/tiny-gguf@{COMMIT}"))).unwrap(), online);
+    assert_eq!(
+        off.resolve(&r(&format!("test/tiny-gguf@{COMMIT}")))
+            .unwrap(),
+        online
+    );
     assert_eq!(off.resolve(&r("test/tiny-hf")).unwrap(), hf);
     // Only what was downloaded is there.
     assert_eq!(
@@ -283,7 +343,9 @@ fn without_network_the_cache_is_reused_and_otherwise_the_error_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let path = {
         let srv = server();
-        hub(&srv.url, tmp.path()).resolve(&r("test/tiny-gguf")).unwrap()
+        hub(&srv.url, tmp.path())
+            .resolve(&r("test/tiny-gguf"))
+            .unwrap()
     };
     // A port nobody listens on.
     let dead = {
@@ -295,7 +357,8 @@ fn without_network_the_cache_is_reused_and_otherwise_the_error_says_so() {
     let e = h.resolve(&r("test/tiny-hf")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Network);
     assert!(
-        e.message.contains("cannot reach the Hugging Face Hub") && e.message.contains("HF_HUB_OFFLINE"),
+        e.message.contains("cannot reach the Hugging Face Hub")
+            && e.message.contains("HF_HUB_OFFLINE"),
         "{e}"
     );
 }
@@ -314,9 +377,14 @@ fn a_full_disk_is_reported_as_such() {
     std::fs::create_dir_all(rc.dir.join("blobs")).unwrap();
     // Every write to the partial file fails with ENOSPC.
     std::os::unix::fs::symlink("/dev/full", rc.incomplete_path(&sha)).unwrap();
-    let e = hub(&srv.url, tmp.path()).resolve(&r("test/tiny-gguf")).unwrap_err();
+    let e = hub(&srv.url, tmp.path())
+        .resolve(&r("test/tiny-gguf"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::DiskFull, "{e}");
-    assert!(e.message.contains("disk full") && e.message.contains("resume"), "{e}");
+    assert!(
+        e.message.contains("disk full") && e.message.contains("resume"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -331,8 +399,12 @@ fn cached_models_are_listed_and_removed() {
     let names: Vec<&str> = list.iter().map(|m| m.repo.as_str()).collect();
     assert_eq!(names, ["test/tiny-gguf", "test/tiny-hf"]);
     let g = &list[0];
-    let want = std::fs::metadata(data("gguf/tiny-i2_s.gguf")).unwrap().len()
-        + std::fs::metadata(data("gguf/tiny-tq1_0.gguf")).unwrap().len();
+    let want = std::fs::metadata(data("gguf/tiny-i2_s.gguf"))
+        .unwrap()
+        .len()
+        + std::fs::metadata(data("gguf/tiny-tq1_0.gguf"))
+            .unwrap()
+            .len();
     assert_eq!(g.size, want);
     assert_eq!(g.refs, vec![("main".to_string(), COMMIT.to_string())]);
     assert_eq!(
@@ -351,7 +423,9 @@ fn cached_models_are_listed_and_removed() {
     assert!(removed.whole_repo);
     assert!(cache::scan(tmp.path()).unwrap().is_empty());
     assert_eq!(
-        cache::remove(tmp.path(), &r("test/tiny-hf")).unwrap_err().kind,
+        cache::remove(tmp.path(), &r("test/tiny-hf"))
+            .unwrap_err()
+            .kind,
         ErrorKind::NotCached
     );
 }

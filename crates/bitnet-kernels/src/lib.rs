@@ -4,8 +4,15 @@
 //! - [`quant`]: per-token int8 activation quantization (BitNet's absmax scheme).
 //! - [`ternary`]: int8 x ternary matrix products in the runtime packed layout.
 //! - [`float`]: f32/f16 dot products for the output head, RMSNorm, softmax.
+//! - [`q8`]: the output head requantized to 8-bit blocks (Q8_0 x Q8_0 products).
+//! - [`pool`]: the persistent worker pool the kernels run on (`rayon::current_num_threads()`
+//!   threads).
 
+#[cfg(test)]
+mod emu512;
 pub mod float;
+pub mod pool;
+pub mod q8;
 pub mod quant;
 pub mod ternary;
 

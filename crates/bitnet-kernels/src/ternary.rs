@@ -13,7 +13,6 @@
 //! (`maddubs`).
 
 use crate::SyncPtr;
-use rayon::prelude::*;
 
 /// Weights per block.
 pub const BLOCK: usize = 128;
@@ -78,44 +77,117 @@ impl<'a> TernaryView<'a> {
 pub enum Isa {
     Scalar,
     Avx2,
+    /// AVX-512 F/BW/VNNI: `vpdpbusd` multiplies the unsigned codes by the signed activations
+    /// and accumulates in i32 in one instruction.
+    Avx512Vnni,
 }
 
 impl Isa {
+    /// The fastest implementation this CPU runs, unless the environment forces one:
+    /// `BITNET_FORCE_SCALAR` (any value) or `BITNET_ISA=scalar|avx2|avx512` (an ISA the CPU
+    /// lacks falls back to the best one it has). Read once per process.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("BITNET_FORCE_SCALAR").is_none() && is_x86_feature_detected!("avx2")
-            {
-                return Isa::Avx2;
+        use std::sync::OnceLock;
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let best = Isa::best_available();
+            if std::env::var_os("BITNET_FORCE_SCALAR").is_some() {
+                return Isa::Scalar;
             }
+            match std::env::var("BITNET_ISA") {
+                Ok(v) => match Isa::parse(&v) {
+                    Some(want) => Isa::all_available()
+                        .into_iter()
+                        .filter(|&i| i <= want)
+                        .max()
+                        .unwrap_or(Isa::Scalar),
+                    None => {
+                        eprintln!("warning: BITNET_ISA={v:?} is not one of scalar, avx2, avx512; using {}", best.name());
+                        best
+                    }
+                },
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// Parse "scalar", "avx2", "avx512" (also "avx512vnni", "avx512_vnni").
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" | "avx512vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
         }
-        Isa::Scalar
+    }
+
+    /// Can this CPU run it?
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every implementation this CPU runs, slowest (the scalar reference) first.
+    pub fn all_available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.is_available())
+            .collect()
+    }
+
+    fn best_available() -> Isa {
+        *Isa::all_available().last().expect("scalar is always there")
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
         }
     }
 }
 
+impl PartialOrd for Isa {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Isa {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (*self as u8).cmp(&(*other as u8))
+    }
+}
+
+/// Tokens per cache block of the GEMM: the activations of this many tokens stay in L2 while
+/// every row of the thread's range streams past them.
+const TOKEN_BLOCK: usize = 32;
+
 /// Integer products of `n_tok` token rows of activations (`q`: `n_tok * kp` int8, each row
 /// padded with zeros) with every weight row: `out[t * w.rows + r] = sum_e w[r, e] * q[t, e]`.
-/// `qsum[t]` is the sum of token t's activations. Runs on the rayon pool, split by rows.
+/// `qsum[t]` is the sum of token t's activations. Runs on the worker pool ([`crate::pool`]),
+/// one contiguous range of rows per thread.
 pub fn gemm(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out: &mut [i32]) {
     assert!(q.len() >= n_tok * w.kp && qsum.len() >= n_tok && out.len() >= n_tok * w.rows);
-    let rows = w.rows;
-    // Chunks big enough to amortise scheduling, small enough to balance two or more threads.
-    let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let r0 = c * chunk;
-        let r1 = (r0 + chunk).min(rows);
-        // SAFETY: each task writes only the elements of its own rows [r0, r1) for every token,
-        // which no other task touches; `out` outlives the parallel loop.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), n_tok * rows) };
-        gemm_rows(isa, w, q, qsum, n_tok, r0..r1, out);
+    let out_len = n_tok * w.rows;
+    crate::pool::for_ranges(w.rows, 4, 16, |rows| {
+        // SAFETY: each part writes only the elements of its own rows for every token, which
+        // no other part touches; `out` outlives the job.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+        gemm_rows(isa, w, q, qsum, n_tok, rows, out);
     });
 }
 
@@ -129,6 +201,8 @@ pub fn gemm_rows(
     rows: std::ops::Range<usize>,
     out: &mut [i32],
 ) {
+    assert!(rows.end <= w.rows && q.len() >= n_tok * w.kp && qsum.len() >= n_tok);
+    assert!(out.len() >= n_tok * w.rows);
     match isa {
         Isa::Scalar => {
             for r in rows {
@@ -139,16 +213,125 @@ pub fn gemm_rows(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::gemm_rows(w, q, qsum, n_tok, rows, out) },
+        Isa::Avx2 => {
+            assert!(Isa::Avx2.is_available(), "AVX2 kernel on a CPU without AVX2");
+            // SAFETY: the CPU has AVX2 and every pointer the kernels form stays inside `w`,
+            // `q` (rows of kp bytes) and `out` (checked above).
+            unsafe {
+                drive::<2, 4>(
+                    avx2::tile::<2, 4>,
+                    avx2::gemv::<2>,
+                    avx2::tile::<1, 4>,
+                    avx2::gemv::<1>,
+                    w,
+                    q,
+                    qsum,
+                    n_tok,
+                    rows,
+                    out,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => {
+            assert!(
+                Isa::Avx512Vnni.is_available(),
+                "AVX-512 VNNI kernel on a CPU without it"
+            );
+            // SAFETY: as above, for AVX-512 F/BW/VNNI.
+            unsafe {
+                drive::<4, 4>(
+                    avx512::tile::<4, 4>,
+                    avx512::tile::<4, 1>,
+                    avx512::tile::<1, 4>,
+                    avx512::tile::<1, 1>,
+                    w,
+                    q,
+                    qsum,
+                    n_tok,
+                    rows,
+                    out,
+                )
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => unreachable!("AVX2 selected on a non-x86 CPU"),
+        _ => unreachable!("x86 kernel selected on a non-x86 CPU"),
     }
-    let _ = qsum;
+}
+
+/// A kernel computing `sum c*q` (codes, not weights) for R rows x T tokens over `nb` blocks.
+/// Pointers are to the start of each row / token.
+type Tile<const R: usize, const T: usize> =
+    unsafe fn(&[*const u8; R], &[*const i8; T], usize) -> [[i32; T]; R];
+
+/// The loops around the tiles: token blocks that stay in cache, then groups of R rows, then
+/// groups of T tokens; leftover rows and tokens use the narrower tiles.
+///
+/// # Safety
+/// The tiles must be runnable on this CPU; `w`, `q`, `out` sizes as checked by `gemm_rows`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<const R: usize, const T: usize>(
+    tile: Tile<R, T>,
+    tile_r1: Tile<R, 1>,
+    tile_1t: Tile<1, T>,
+    tile_11: Tile<1, 1>,
+    w: TernaryView,
+    q: &[i8],
+    qsum: &[i32],
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [i32],
+) {
+    let nb = w.kp / BLOCK;
+    let rowp = |r: usize| w.data.as_ptr().add(r * w.kp / 4);
+    let tokp = |t: usize| q.as_ptr().add(t * w.kp);
+    let mut put = |r: usize, t: usize, v: i32| out[t * w.rows + r] = v - qsum[t];
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let t1 = (t0 + TOKEN_BLOCK).min(n_tok);
+        let mut r = rows.start;
+        while r < rows.end {
+            let nr = if r + R <= rows.end { R } else { 1 };
+            let mut t = t0;
+            while t < t1 {
+                let nt = if t + T <= t1 { T } else { 1 };
+                match (nr == R, nt == T) {
+                    (true, true) => {
+                        let s = tile(
+                            &std::array::from_fn(|i| rowp(r + i)),
+                            &std::array::from_fn(|j| tokp(t + j)),
+                            nb,
+                        );
+                        for (i, sr) in s.iter().enumerate() {
+                            for (j, &v) in sr.iter().enumerate() {
+                                put(r + i, t + j, v);
+                            }
+                        }
+                    }
+                    (true, false) => {
+                        let s = tile_r1(&std::array::from_fn(|i| rowp(r + i)), &[tokp(t)], nb);
+                        for (i, sr) in s.iter().enumerate() {
+                            put(r + i, t, sr[0]);
+                        }
+                    }
+                    (false, true) => {
+                        let s = tile_1t(&[rowp(r)], &std::array::from_fn(|j| tokp(t + j)), nb);
+                        for (j, &v) in s[0].iter().enumerate() {
+                            put(r, t + j, v);
+                        }
+                    }
+                    (false, false) => put(r, t, tile_11(&[rowp(r)], &[tokp(t)], nb)[0][0]),
+                }
+                t += nt;
+            }
+            r += nr;
+        }
+        t0 = t1;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::TernaryView;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -162,76 +345,192 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
-    /// The four 32-code vectors of one 32-byte block.
-    #[inline]
+    /// Blocks accumulated in i16 before widening. Per block and lane the four `maddubs`
+    /// add at most 4 * 2 * 2 * 128 = 2048 in magnitude: 8 blocks stay within i16.
+    const FLUSH: usize = 8;
+
+    /// R rows x T tokens: each 32-byte block is unpacked once into four 32-code vectors
+    /// (shift, mask) and multiplied with T tokens' activations (`maddubs`), accumulating in
+    /// i16 for up to `FLUSH` blocks, then widened to i32 (`madd` by 1).
     #[target_feature(enable = "avx2")]
-    unsafe fn unpack(p: *const u8) -> [__m256i; 4] {
+    pub unsafe fn tile<const R: usize, const T: usize>(
+        w: &[*const u8; R],
+        q: &[*const i8; T],
+        nb: usize,
+    ) -> [[i32; T]; R] {
         let mask = _mm256_set1_epi8(3);
-        let w = _mm256_loadu_si256(p as *const __m256i);
-        [
-            _mm256_and_si256(_mm256_srli_epi16(w, 6), mask),
-            _mm256_and_si256(_mm256_srli_epi16(w, 4), mask),
-            _mm256_and_si256(_mm256_srli_epi16(w, 2), mask),
-            _mm256_and_si256(w, mask),
-        ]
-    }
-
-    /// `sum c*q` for one block, as 8 i32 partial sums. Each i16 lane holds at most
-    /// 4 * 2 * (2 * 128) = 2048 in magnitude, far from overflow.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_dot(c: &[__m256i; 4], q: *const i8) -> __m256i {
-        let ld = |i: usize| _mm256_loadu_si256(q.add(32 * i) as *const __m256i);
-        let s01 = _mm256_add_epi16(
-            _mm256_maddubs_epi16(c[0], ld(0)),
-            _mm256_maddubs_epi16(c[1], ld(1)),
-        );
-        let s23 = _mm256_add_epi16(
-            _mm256_maddubs_epi16(c[2], ld(2)),
-            _mm256_maddubs_epi16(c[3], ld(3)),
-        );
-        _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1))
-    }
-
-    /// Tokens are processed four at a time so each unpacked weight block is reused four times.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn gemm_rows(
-        w: TernaryView,
-        q: &[i8],
-        qsum: &[i32],
-        n_tok: usize,
-        rows: std::ops::Range<usize>,
-        out: &mut [i32],
-    ) {
-        let nb = w.kp / 128;
-        let qp = q.as_ptr();
-        for r in rows {
-            let row = w.row(r).as_ptr();
-            let mut t = 0;
-            while t + 4 <= n_tok {
-                let mut acc = [_mm256_setzero_si256(); 4];
-                for b in 0..nb {
-                    let c = unpack(row.add(32 * b));
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_epi32(*a, block_dot(&c, qp.add((t + i) * w.kp + 128 * b)));
-                    }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc32 = [[_mm256_setzero_si256(); T]; R];
+        let mut b = 0;
+        while b < nb {
+            let end = (b + FLUSH).min(nb);
+            let mut acc = [[_mm256_setzero_si256(); T]; R];
+            while b < end {
+                let mut wv = [_mm256_setzero_si256(); R];
+                for i in 0..R {
+                    wv[i] = _mm256_loadu_si256(w[i].add(32 * b) as *const __m256i);
                 }
-                for (i, a) in acc.iter().enumerate() {
-                    out[(t + i) * w.rows + r] = hsum_epi32(*a) - qsum[t + i];
+                macro_rules! step {
+                    ($k:expr, $c:expr) => {
+                        let mut c = [_mm256_setzero_si256(); R];
+                        for i in 0..R {
+                            c[i] = _mm256_and_si256($c(wv[i]), mask);
+                        }
+                        for j in 0..T {
+                            let qv = _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
+                            for i in 0..R {
+                                acc[i][j] = _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(c[i], qv));
+                            }
+                        }
+                    };
                 }
-                t += 4;
+                step!(0, |v| _mm256_srli_epi16::<6>(v));
+                step!(1, |v| _mm256_srli_epi16::<4>(v));
+                step!(2, |v| _mm256_srli_epi16::<2>(v));
+                step!(3, |v| v);
+                b += 1;
             }
-            while t < n_tok {
-                let mut acc = _mm256_setzero_si256();
-                for b in 0..nb {
-                    let c = unpack(row.add(32 * b));
-                    acc = _mm256_add_epi32(acc, block_dot(&c, qp.add(t * w.kp + 128 * b)));
+            for i in 0..R {
+                for j in 0..T {
+                    acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc[i][j], ones));
                 }
-                out[t * w.rows + r] = hsum_epi32(acc) - qsum[t];
-                t += 1;
             }
         }
+        let mut out = [[0i32; T]; R];
+        for i in 0..R {
+            for j in 0..T {
+                out[i][j] = hsum_epi32(acc32[i][j]);
+            }
+        }
+        out
     }
+
+    /// One token, R rows: fewer operations per block than `tile`. With `s = w >> 4`, the
+    /// masks `0x0C` and `0x03` give all four code vectors from one shift: `s & 0x0C` = 4 * c0,
+    /// `s & 0x03` = c1, `w & 0x0C` = 4 * c2, `w & 0x03` = c3. Products of the two scaled
+    /// vectors go to their own i16 accumulator (at most 2 * 2 * 8 * 128 = 4096 per block, so 8
+    /// blocks reach exactly i16::MIN at worst), and the total is `acc4 / 4 + acc1` (exact: every
+    /// term of acc4 is a multiple of 4).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemv<const R: usize>(
+        w: &[*const u8; R],
+        q: &[*const i8; 1],
+        nb: usize,
+    ) -> [[i32; 1]; R] {
+        let m12 = _mm256_set1_epi8(0x0C);
+        let m3 = _mm256_set1_epi8(0x03);
+        let ones = _mm256_set1_epi16(1);
+        let mut a4 = [_mm256_setzero_si256(); R];
+        let mut a1 = [_mm256_setzero_si256(); R];
+        let q = q[0];
+        let mut b = 0;
+        while b < nb {
+            let end = (b + FLUSH).min(nb);
+            let mut s4 = [_mm256_setzero_si256(); R];
+            let mut s1 = [_mm256_setzero_si256(); R];
+            while b < end {
+                let qb = q.add(128 * b);
+                let q0 = _mm256_loadu_si256(qb as *const __m256i);
+                let q1 = _mm256_loadu_si256(qb.add(32) as *const __m256i);
+                let q2 = _mm256_loadu_si256(qb.add(64) as *const __m256i);
+                let q3 = _mm256_loadu_si256(qb.add(96) as *const __m256i);
+                for i in 0..R {
+                    let wv = _mm256_loadu_si256(w[i].add(32 * b) as *const __m256i);
+                    let sh = _mm256_srli_epi16::<4>(wv);
+                    let p4 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(sh, m12), q0),
+                        _mm256_maddubs_epi16(_mm256_and_si256(wv, m12), q2),
+                    );
+                    let p1 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(sh, m3), q1),
+                        _mm256_maddubs_epi16(_mm256_and_si256(wv, m3), q3),
+                    );
+                    s4[i] = _mm256_add_epi16(s4[i], p4);
+                    s1[i] = _mm256_add_epi16(s1[i], p1);
+                }
+                b += 1;
+            }
+            for i in 0..R {
+                a4[i] = _mm256_add_epi32(a4[i], _mm256_madd_epi16(s4[i], ones));
+                a1[i] = _mm256_add_epi32(a1[i], _mm256_madd_epi16(s1[i], ones));
+            }
+        }
+        let mut out = [[0i32; 1]; R];
+        for i in 0..R {
+            out[i][0] = hsum_epi32(_mm256_add_epi32(_mm256_srai_epi32::<2>(a4[i]), a1[i]));
+        }
+        out
+    }
+}
+
+/// The AVX-512 VNNI tile, written once and instantiated twice: with the real intrinsics, and
+/// in tests with a scalar emulation of the same intrinsics (`crate::emu512`), so the kernel's
+/// logic is checked even on CPUs without AVX-512.
+///
+/// One 32-byte block is broadcast to both halves of a zmm register; per-half variable shifts
+/// (`vpsrlvw` by 6|4 and 2|0) and a mask give two 64-code vectors whose halves are codes
+/// 0..31|32..63 and 64..95|96..127: they line up with two plain 64-byte activation loads. Then
+/// `vpdpbusd` multiplies unsigned codes by signed activations and accumulates in i32.
+macro_rules! avx512_tile {
+    ($(#[$attr:meta])*) => {
+        /// Per-16-bit-lane shift counts: the low half of the register gets the first count.
+        static SHIFT_A: [u16; 32] = [6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6,
+                                     4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4];
+        static SHIFT_B: [u16; 32] = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+                                     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+        /// `sum c*q` for R rows x T tokens over `nb` blocks.
+        $(#[$attr])*
+        pub unsafe fn tile<const R: usize, const T: usize>(
+            w: &[*const u8; R],
+            q: &[*const i8; T],
+            nb: usize,
+        ) -> [[i32; T]; R] {
+            let mask = _mm512_set1_epi8(3);
+            let sa = _mm512_loadu_si512(SHIFT_A.as_ptr() as *const _);
+            let sb = _mm512_loadu_si512(SHIFT_B.as_ptr() as *const _);
+            let mut acc = [[_mm512_setzero_si512(); T]; R];
+            for b in 0..nb {
+                let mut c01 = [_mm512_setzero_si512(); R];
+                let mut c23 = [_mm512_setzero_si512(); R];
+                for i in 0..R {
+                    let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        w[i].add(32 * b) as *const __m256i,
+                    ));
+                    c01[i] = _mm512_and_si512(_mm512_srlv_epi16(wb, sa), mask);
+                    c23[i] = _mm512_and_si512(_mm512_srlv_epi16(wb, sb), mask);
+                }
+                for j in 0..T {
+                    let qa = _mm512_loadu_si512(q[j].add(128 * b) as *const _);
+                    let qb = _mm512_loadu_si512(q[j].add(128 * b + 64) as *const _);
+                    for i in 0..R {
+                        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], c01[i], qa);
+                        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], c23[i], qb);
+                    }
+                }
+            }
+            let mut out = [[0i32; T]; R];
+            for i in 0..R {
+                for j in 0..T {
+                    out[i][j] = _mm512_reduce_add_epi32(acc[i][j]);
+                }
+            }
+            out
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    avx512_tile!(#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]);
+}
+
+/// The same tile over the emulated intrinsics (tests only).
+#[cfg(test)]
+mod avx512_emu {
+    use crate::emu512::*;
+    avx512_tile!();
 }
 
 #[cfg(test)]
@@ -266,24 +565,37 @@ mod tests {
         }
     }
 
-    /// Every implementation against a plain sum over the unpacked codes, on odd shapes
-    /// (rows and token counts that are not multiples of any tile, row lengths that need padding)
-    /// and extreme activations (-128 and 127).
-    #[test]
-    fn all_kernels_match_the_naive_sum() {
+    /// Odd shapes: rows and token counts that are not multiples of any tile (2x4, 4x4) nor of
+    /// the token block, row lengths that need padding, long rows that cross several i16 flushes.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (7, 129, 3),
+        (13, 688, 5),
+        (33, 256, 9),
+        (5, 2560, 4),
+        (64, 640, 1),
+        (6, 2048, 7),
+        (3, 130 * 17, 2),
+        (9, 384, 37),
+        (2, 6912, 1),
+    ];
+
+    struct Case {
+        rows: usize,
+        kp: usize,
+        n_tok: usize,
+        packed: Vec<u8>,
+        q: Vec<i8>,
+        qsum: Vec<i32>,
+        want: Vec<i32>,
+    }
+
+    /// Random codes and activations (10% each of the extremes -128 and 127), with the plain
+    /// sum over the unpacked codes as the expected result.
+    fn cases() -> Vec<Case> {
         let mut rng = Lcg(42);
-        let mut isas = vec![Isa::Scalar];
-        if Isa::detect() != Isa::Scalar {
-            isas.push(Isa::detect());
-        }
-        for &(rows, k, n_tok) in &[
-            (1, 1, 1),
-            (7, 129, 3),
-            (13, 688, 5),
-            (33, 256, 9),
-            (5, 2560, 4),
-            (64, 640, 1),
-        ] {
+        let mut all = Vec::new();
+        for &(rows, k, n_tok) in SHAPES {
             let kp = padded_len(k);
             let (codes, packed) = random_matrix(&mut rng, rows, k);
             let mut q = vec![0i8; n_tok * kp];
@@ -307,18 +619,114 @@ mod tests {
                         .sum();
                 }
             }
-            for &isa in &isas {
-                let mut got = vec![0i32; n_tok * rows];
-                gemm(
-                    isa,
-                    TernaryView::new(&packed, rows, kp),
-                    &q,
-                    &qsum,
-                    n_tok,
-                    &mut got,
-                );
-                assert_eq!(got, want, "{} rows={rows} k={k} n_tok={n_tok}", isa.name());
+            all.push(Case {
+                rows,
+                kp,
+                n_tok,
+                packed,
+                q,
+                qsum,
+                want,
+            });
+        }
+        all
+    }
+
+    /// Every implementation this CPU runs against a plain sum over the unpacked codes, on
+    /// 1, 2 and 3 threads.
+    #[test]
+    fn all_kernels_match_the_naive_sum() {
+        let isas = Isa::all_available();
+        assert_eq!(isas[0], Isa::Scalar);
+        for threads in [1, 2, 3] {
+            let tp = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for c in cases() {
+                for &isa in &isas {
+                    let mut got = vec![0i32; c.n_tok * c.rows];
+                    tp.install(|| {
+                        gemm(
+                            isa,
+                            TernaryView::new(&c.packed, c.rows, c.kp),
+                            &c.q,
+                            &c.qsum,
+                            c.n_tok,
+                            &mut got,
+                        )
+                    });
+                    assert_eq!(
+                        got,
+                        c.want,
+                        "{} t={threads} rows={} kp={} n_tok={}",
+                        isa.name(),
+                        c.rows,
+                        c.kp,
+                        c.n_tok
+                    );
+                }
             }
         }
+    }
+
+    /// Worst-case accumulation: all codes +1 (2) or -1 (0) against all -128 or 127, on long
+    /// rows, to exercise the i16 accumulators at their limits.
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        let kp = 6912;
+        for (code, act) in [(2u8, -128i8), (2, 127), (0, -128), (0, 127)] {
+            let rows = 5;
+            let mut packed = vec![0u8; rows * kp / 4];
+            for r in 0..rows {
+                pack_row(&vec![code; kp], &mut packed[r * kp / 4..(r + 1) * kp / 4]);
+            }
+            for n_tok in [1, 4, 5] {
+                let q = vec![act; n_tok * kp];
+                let qsum = vec![act as i32 * kp as i32; n_tok];
+                let want = (code as i32 - 1) * act as i32 * kp as i32;
+                for isa in Isa::all_available() {
+                    let mut got = vec![0i32; n_tok * rows];
+                    gemm(isa, TernaryView::new(&packed, rows, kp), &q, &qsum, n_tok, &mut got);
+                    assert!(got.iter().all(|&v| v == want), "{} {code} {act}", isa.name());
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 VNNI tile's logic through the emulated intrinsics, so it is checked on CPUs
+    /// without AVX-512 too (the real one is in `all_kernels_match_the_naive_sum` when present).
+    #[test]
+    fn avx512_tile_logic_matches_the_naive_sum_emulated() {
+        for c in cases() {
+            let mut got = vec![0i32; c.n_tok * c.rows];
+            let w = TernaryView::new(&c.packed, c.rows, c.kp);
+            // SAFETY: the emulated tiles are plain Rust; sizes are consistent.
+            unsafe {
+                drive::<4, 4>(
+                    avx512_emu::tile::<4, 4>,
+                    avx512_emu::tile::<4, 1>,
+                    avx512_emu::tile::<1, 4>,
+                    avx512_emu::tile::<1, 1>,
+                    w,
+                    &c.q,
+                    &c.qsum,
+                    c.n_tok,
+                    0..c.rows,
+                    &mut got,
+                )
+            };
+            assert_eq!(got, c.want, "rows={} kp={} n_tok={}", c.rows, c.kp, c.n_tok);
+        }
+    }
+
+    #[test]
+    fn isa_names_parse_back() {
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::parse("AVX512"), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::parse("neon"), None);
+        assert!(Isa::detect().is_available());
     }
 }

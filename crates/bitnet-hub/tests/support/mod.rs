@@ -218,15 +218,17 @@ fn handle(conn: TcpStream, state: &Mutex<State>, base: &str) -> std::io::Result<
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let get = |k: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-    };
+    let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let auth = get("authorization");
     let range = get("range");
-    let ans = route(&method, &target, auth.as_deref(), range.as_deref(), state, base);
+    let ans = route(
+        &method,
+        &target,
+        auth.as_deref(),
+        range.as_deref(),
+        state,
+        base,
+    );
     {
         let mut s = state.lock().unwrap();
         let mut entry = format!("{method} {}", target.split('?').next().unwrap_or(""));
@@ -275,7 +277,9 @@ fn handle(conn: TcpStream, state: &Mutex<State>, base: &str) -> std::io::Result<
     // Drain anything left so the client sees a clean close.
     let _ = out.shutdown(Shutdown::Write);
     let mut sink = [0u8; 64];
-    let _ = reader.get_mut().set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = reader
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)));
     let _ = reader.read(&mut sink);
     Ok(())
 }
@@ -311,7 +315,11 @@ fn route(
             .and_then(|v| v.parse::<usize>().ok());
         let mut ans = match start {
             Some(st) if st >= total => {
-                return answer(416, vec![("Content-Range", format!("bytes */{total}"))], vec![])
+                return answer(
+                    416,
+                    vec![("Content-Range", format!("bytes */{total}"))],
+                    vec![],
+                )
             }
             Some(st) => answer(
                 206,

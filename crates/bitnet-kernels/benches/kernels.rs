@@ -1,0 +1,227 @@
+//! Per-kernel timings on BitNet b1.58 2B4T shapes: `cargo bench -p bitnet-kernels`.
+//!
+//! Every kernel runs for every implementation this CPU has (`Isa::all_available()`, the scalar
+//! reference first) in the same run, so results can be read as ratios to the scalar baseline
+//! on the same machine. The kernels run on one thread (a one-thread rayon pool sizes the
+//! kernels' worker pool); set `BITNET_BENCH_THREADS=N` for N. divan prints the time per call
+//! and, with its counters, the weight bytes streamed per second (per call: divide by the
+//! token count for bytes per token). Each benchmark runs at most about 2 s; the whole run takes
+//! a few minutes. `cargo bench -p bitnet-kernels --bench kernels -- ternary` runs a subset.
+//!
+//! - `quantize`: per-token int8 activation quantization of 2560 and 6912 values;
+//! - `ternary_gemm`: int8 x ternary products on the three 2B4T matrix shapes (rows x cols:
+//!   2560x2560 q/o, 6912x2560 gate/up, 2560x6912 down) for 1 token (GEMV), 8 and 64 tokens
+//!   (the scalar reference for 1 token only: it does not batch);
+//! - `head_f16`: the F16 output head's dot products (8192 rows of 2560, 42 MB: streamed from
+//!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
+//! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`).
+
+use bitnet_kernels::q8::Q8Matrix;
+use bitnet_kernels::ternary::{self, padded_len, TernaryView};
+use bitnet_kernels::{float, quant, Isa};
+use divan::counter::BytesCount;
+use divan::{black_box, Bencher};
+use std::fmt;
+
+fn main() {
+    let threads = std::env::var("BITNET_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
+    pool.install(divan::main);
+}
+
+/// A deterministic stream of test data.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn f32(&mut self) -> f32 {
+        (self.next() % 2_000_001) as f32 / 1_000_000.0 - 1.0
+    }
+}
+
+/// One benchmark case: an implementation, a matrix shape and a token count.
+#[derive(Clone, Copy)]
+struct Case {
+    isa: Isa,
+    rows: usize,
+    cols: usize,
+    n_tok: usize,
+}
+
+impl fmt::Display for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}x{} t{}",
+            self.isa.name(),
+            self.rows,
+            self.cols,
+            self.n_tok
+        )
+    }
+}
+
+impl fmt::Debug for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The ternary matrix shapes of one 2B4T layer (rows = outputs, cols = inputs).
+const SHAPES: [(usize, usize); 3] = [(2560, 2560), (6912, 2560), (2560, 6912)];
+
+/// Every available implementation on every shape for 1, 8 and 64 tokens, except the scalar
+/// reference beyond one token: it has no batching (its cost is linear in tokens) and would
+/// take minutes.
+fn gemm_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for n_tok in [1, 8, 64] {
+        for (rows, cols) in SHAPES {
+            for isa in Isa::all_available() {
+                if isa == Isa::Scalar && n_tok > 1 {
+                    continue;
+                }
+                v.push(Case {
+                    isa,
+                    rows,
+                    cols,
+                    n_tok,
+                });
+            }
+        }
+    }
+    v
+}
+
+fn isa_cases(rows: usize, cols: usize) -> Vec<Case> {
+    Isa::all_available()
+        .into_iter()
+        .map(|isa| Case {
+            isa,
+            rows,
+            cols,
+            n_tok: 1,
+        })
+        .collect()
+}
+
+#[divan::bench(args = [2560, 6912])]
+fn quantize(bencher: Bencher, n: usize) {
+    let mut rng = Lcg(1);
+    let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+    let mut q = vec![0i8; padded_len(n)];
+    bencher
+        .counter(BytesCount::new(4 * n))
+        .bench_local(|| quant::quantize_row(black_box(&x), &mut q));
+}
+
+#[divan::bench(args = gemm_cases(), max_time = 2)]
+fn ternary_gemm(bencher: Bencher, c: &Case) {
+    let mut rng = Lcg(2);
+    let kp = padded_len(c.cols);
+    let mut codes = vec![0u8; c.cols];
+    let mut data = vec![0u8; c.rows * kp / 4];
+    for row in data.chunks_mut(kp / 4) {
+        for x in codes.iter_mut() {
+            *x = (rng.next() % 3) as u8;
+        }
+        ternary::pack_row(&codes, row);
+    }
+    let w = TernaryView::new(&data, c.rows, kp);
+    let mut q = vec![0i8; c.n_tok * kp];
+    let mut qsum = vec![0i32; c.n_tok];
+    for t in 0..c.n_tok {
+        for e in 0..c.cols {
+            q[t * kp + e] = (rng.next() % 255) as i8;
+        }
+        qsum[t] = q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum();
+    }
+    let mut out = vec![0i32; c.n_tok * c.rows];
+    bencher
+        .counter(BytesCount::new(data.len()))
+        .bench_local(|| ternary::gemm(c.isa, w, black_box(&q), &qsum, c.n_tok, &mut out));
+}
+
+/// Rows of the benchmark head: enough to stream from memory (42 MB of F16), as the real head
+/// (128256 rows, 657 MB) does.
+const HEAD_ROWS: usize = 8192;
+const HEAD_COLS: usize = 2560;
+
+fn head_data() -> (Vec<u8>, Vec<f32>) {
+    let mut rng = Lcg(3);
+    let data: Vec<u8> = (0..HEAD_ROWS * HEAD_COLS)
+        .flat_map(|_| half::f16::from_f32(rng.f32() * 0.1).to_le_bytes())
+        .collect();
+    let x: Vec<f32> = (0..HEAD_COLS).map(|_| rng.f32()).collect();
+    (data, x)
+}
+
+/// One dot product per row, row after row: `dot_f16` (F16C + FMA where `isa` allows) and the
+/// scalar `dot_f16_scalar` under the name `scalar`.
+#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+fn head_f16_rows(bencher: Bencher, c: &Case) {
+    let (data, x) = head_data();
+    let mut out = vec![0f32; HEAD_ROWS];
+    bencher
+        .counter(BytesCount::new(data.len()))
+        .bench_local(|| {
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = &data[r * HEAD_COLS * 2..(r + 1) * HEAD_COLS * 2];
+                *o = if c.isa == Isa::Scalar {
+                    float::dot_f16_scalar(row, black_box(&x))
+                } else {
+                    float::dot_f16(c.isa, row, black_box(&x))
+                };
+            }
+        });
+}
+
+/// The head as the engine runs it for one token: `matmul_f16`, four rows per kernel call.
+#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+fn head_f16_matmul(bencher: Bencher, c: &Case) {
+    let (data, x) = head_data();
+    let mut out = vec![0f32; HEAD_ROWS];
+    bencher
+        .counter(BytesCount::new(data.len()))
+        .bench_local(|| {
+            float::matmul_f16(
+                c.isa,
+                &data,
+                HEAD_ROWS,
+                HEAD_COLS,
+                black_box(&x),
+                1,
+                &mut out,
+            )
+        });
+}
+
+/// The same head requantized to 8-bit blocks (about half the bytes of F16).
+#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+fn head_q8(bencher: Bencher, c: &Case) {
+    let (data, x) = head_data();
+    let m = Q8Matrix::from_rows(HEAD_ROWS, HEAD_COLS, |r, buf| {
+        for (i, v) in buf.iter_mut().enumerate() {
+            let o = (r * HEAD_COLS + i) * 2;
+            *v = half::f16::from_le_bytes([data[o], data[o + 1]]).to_f32();
+        }
+    });
+    let mut out = vec![0f32; HEAD_ROWS];
+    bencher
+        .counter(BytesCount::new(m.bytes()))
+        .bench_local(|| m.matmul(c.isa, black_box(&x), 1, &mut out));
+}

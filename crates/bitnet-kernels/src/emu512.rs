@@ -1,0 +1,175 @@
+//! Scalar emulation of the few AVX-512 intrinsics our kernels use (tests only), with the same
+//! names and signatures as `std::arch::x86_64`. Each AVX-512 kernel is written once in a macro
+//! and also instantiated over this module, so its logic (layouts, index arithmetic, tails) is
+//! tested against the scalar reference on any CPU. Semantics follow Intel's pseudo-code.
+#![allow(non_camel_case_types, clippy::missing_safety_doc)]
+
+#[derive(Clone, Copy)]
+pub struct __m512i([u8; 64]);
+#[derive(Clone, Copy)]
+pub struct __m256i([u8; 32]);
+#[derive(Clone, Copy)]
+pub struct __m512([f32; 16]);
+
+impl __m512i {
+    fn i16(&self, i: usize) -> i16 {
+        i16::from_le_bytes([self.0[2 * i], self.0[2 * i + 1]])
+    }
+    fn u16(&self, i: usize) -> u16 {
+        self.i16(i) as u16
+    }
+    fn i32(&self, i: usize) -> i32 {
+        i32::from_le_bytes(self.0[4 * i..4 * i + 4].try_into().unwrap())
+    }
+    fn set_u16(&mut self, i: usize, v: u16) {
+        self.0[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+    }
+    fn set_i32(&mut self, i: usize, v: i32) {
+        self.0[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub unsafe fn _mm512_setzero_si512() -> __m512i {
+    __m512i([0; 64])
+}
+
+pub unsafe fn _mm512_set1_epi8(a: i8) -> __m512i {
+    __m512i([a as u8; 64])
+}
+
+pub unsafe fn _mm512_set1_epi32(a: i32) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    (0..16).for_each(|i| r.set_i32(i, a));
+    r
+}
+
+pub unsafe fn _mm512_loadu_si512<T>(p: *const T) -> __m512i {
+    __m512i(std::ptr::read_unaligned(p as *const [u8; 64]))
+}
+
+pub unsafe fn _mm256_loadu_si256(p: *const __m256i) -> __m256i {
+    __m256i(std::ptr::read_unaligned(p as *const [u8; 32]))
+}
+
+pub unsafe fn _mm512_broadcast_i64x4(a: __m256i) -> __m512i {
+    let mut r = [0u8; 64];
+    r[..32].copy_from_slice(&a.0);
+    r[32..].copy_from_slice(&a.0);
+    __m512i(r)
+}
+
+pub unsafe fn _mm512_and_si512(a: __m512i, b: __m512i) -> __m512i {
+    __m512i(std::array::from_fn(|i| a.0[i] & b.0[i]))
+}
+
+pub unsafe fn _mm512_xor_si512(a: __m512i, b: __m512i) -> __m512i {
+    __m512i(std::array::from_fn(|i| a.0[i] ^ b.0[i]))
+}
+
+/// Per 16-bit lane logical right shift; counts above 15 give 0.
+pub unsafe fn _mm512_srlv_epi16(a: __m512i, count: __m512i) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    for i in 0..32 {
+        let c = count.u16(i);
+        r.set_u16(i, if c > 15 { 0 } else { a.u16(i) >> c });
+    }
+    r
+}
+
+/// Per 32-bit lane: src + sum of four u8(a) * i8(b) products (wrapping, no saturation).
+pub unsafe fn _mm512_dpbusd_epi32(src: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut r = src;
+    for i in 0..16 {
+        let mut s = src.i32(i);
+        for k in 0..4 {
+            s = s.wrapping_add(a.0[4 * i + k] as i32 * b.0[4 * i + k] as i8 as i32);
+        }
+        r.set_i32(i, s);
+    }
+    r
+}
+
+pub unsafe fn _mm512_add_epi32(a: __m512i, b: __m512i) -> __m512i {
+    let mut r = a;
+    (0..16).for_each(|i| r.set_i32(i, a.i32(i).wrapping_add(b.i32(i))));
+    r
+}
+
+pub unsafe fn _mm512_reduce_add_epi32(a: __m512i) -> i32 {
+    (0..16).fold(0i32, |s, i| s.wrapping_add(a.i32(i)))
+}
+
+pub unsafe fn _mm512_cvtepi32_ps(a: __m512i) -> __m512 {
+    __m512(std::array::from_fn(|i| a.i32(i) as f32))
+}
+
+pub unsafe fn _mm512_setzero_ps() -> __m512 {
+    __m512([0.0; 16])
+}
+
+pub unsafe fn _mm512_set1_ps(a: f32) -> __m512 {
+    __m512([a; 16])
+}
+
+pub unsafe fn _mm512_loadu_ps(p: *const f32) -> __m512 {
+    __m512(std::ptr::read_unaligned(p as *const [f32; 16]))
+}
+
+/// Sixteen f16 values (little-endian, in a 256-bit register) to f32.
+pub unsafe fn _mm512_cvtph_ps(a: __m256i) -> __m512 {
+    __m512(std::array::from_fn(|i| {
+        half::f16::from_le_bytes([a.0[2 * i], a.0[2 * i + 1]]).to_f32()
+    }))
+}
+
+/// Fused: a * b + c with one rounding.
+pub unsafe fn _mm512_fmadd_ps(a: __m512, b: __m512, c: __m512) -> __m512 {
+    __m512(std::array::from_fn(|i| a.0[i].mul_add(b.0[i], c.0[i])))
+}
+
+pub unsafe fn _mm512_mul_ps(a: __m512, b: __m512) -> __m512 {
+    __m512(std::array::from_fn(|i| a.0[i] * b.0[i]))
+}
+
+pub unsafe fn _mm512_add_ps(a: __m512, b: __m512) -> __m512 {
+    __m512(std::array::from_fn(|i| a.0[i] + b.0[i]))
+}
+
+pub unsafe fn _mm512_reduce_add_ps(a: __m512) -> f32 {
+    // Any order is a valid emulation; use a tree like the hardware sequence.
+    let mut v = a.0;
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulated_intrinsics_follow_the_documented_semantics() {
+        unsafe {
+            let a = __m512i(std::array::from_fn(|i| (i * 37 + 200) as u8));
+            let b = __m512i(std::array::from_fn(|i| (i * 11) as u8));
+            let d = _mm512_dpbusd_epi32(_mm512_set1_epi32(5), a, b);
+            let want0: i32 = 5 + (0..4)
+                .map(|k| a.0[k] as i32 * b.0[k] as i8 as i32)
+                .sum::<i32>();
+            assert_eq!(d.i32(0), want0);
+            let mut counts = __m512i([0; 64]);
+            counts.set_u16(0, 3);
+            counts.set_u16(1, 16);
+            let s = _mm512_srlv_epi16(a, counts);
+            assert_eq!(s.u16(0), a.u16(0) >> 3);
+            assert_eq!(s.u16(1), 0);
+            assert_eq!(s.u16(2), a.u16(2));
+            assert_eq!(_mm512_reduce_add_epi32(_mm512_set1_epi32(-3)), -48);
+        }
+    }
+}
