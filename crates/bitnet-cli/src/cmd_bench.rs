@@ -8,8 +8,9 @@
 //! Each thread count gets its own rayon pool and the whole test runs inside `pool.install`, so
 //! every parallel loop of the engine uses exactly that many threads.
 
-use crate::args::load_model;
+use crate::args::{print_warnings, resolve_model_path};
 use anyhow::{anyhow, Result};
+use bitnet_engine::model::{HeadType, LoadOptions};
 use bitnet_engine::synth::Rng;
 use bitnet_engine::{Config, Model};
 use clap::Args;
@@ -45,7 +46,7 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
-    /// Requantize the output head at load (f16, q8_0, ...).
+    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load).
     #[arg(long)]
     pub head_type: Option<String>,
     /// Print a JSON array of records instead of the markdown table.
@@ -243,12 +244,20 @@ fn run_test(
     })
 }
 
+/// Load a model (path or Hub reference), with the output head computed as `head_type`
+/// (`f16` = as stored, `q8_0` = requantized at load), printing load warnings.
+pub fn load_with_head(path: &Path, head_type: Option<&str>) -> Result<Model> {
+    let head_type = head_type
+        .map(|h| h.parse::<HeadType>())
+        .transpose()
+        .map_err(|e| anyhow!("--head-type: {e}"))?;
+    let path = resolve_model_path(path)?;
+    let model = Model::load_with(&path, &LoadOptions { head_type })?;
+    print_warnings(&model.warnings);
+    Ok(model)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let Some(h) = &a.head_type {
-        return Err(anyhow!(
-            "--head-type {h}: requantizing the output head at load is not supported yet by this build"
-        ));
-    }
     if a.repetitions == 0 {
         return Err(anyhow!("-r/--repetitions must be at least 1"));
     }
@@ -274,7 +283,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    let model = load_model(&a.model)?;
+    let model = load_with_head(&a.model, a.head_type.as_deref())?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
     let size = model_size(&model.path);
@@ -286,7 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .map(|l| l.wq.stored_as.split_whitespace().next().unwrap_or("?"))
         .unwrap_or("?")
         .to_string();
-    let head_type = model.weights.head().dtype.name();
+    let head_type = model.weights.head_type_name();
     let model_type = format!(
         "{} {} {ternary_type}, head {head_type}",
         c.arch,

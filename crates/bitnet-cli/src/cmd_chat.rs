@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// Model: a GGUF file or a Hugging Face model directory.
-    #[arg(short = 'm', long)]
+    /// Model: a GGUF file, a Hugging Face model directory, or a Hub reference OWNER/REPO[:X][@REV].
+    #[arg(short = 'm', long, default_value = crate::args::DEFAULT_MODEL)]
     pub model: PathBuf,
     /// System prompt.
     #[arg(long = "system-prompt", visible_alias = "sys")]

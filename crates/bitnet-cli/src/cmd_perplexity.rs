@@ -27,7 +27,8 @@
 //! storage precision (this run's log-probabilities are rounded to f16 too), so a run compared
 //! with its own file gives exactly 0 and 100%.
 
-use crate::args::{init_threads, load_model};
+use crate::args::init_threads;
+use crate::cmd_bench::load_with_head;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use half::f16;
@@ -57,6 +58,10 @@ pub struct PerplexityArgs {
     /// Save the log-probabilities of every scored position (f16) for a later --kl-divergence.
     #[arg(long, value_name = "FILE")]
     pub save_logits: Option<PathBuf>,
+    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load); compare with
+    /// a --save-logits run of the stored head to measure what it costs.
+    #[arg(long)]
+    pub head_type: Option<String>,
     /// Compute threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -195,7 +200,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
             "-f/--file is required (the text to score), unless --kl-divergence gives the tokens"
         ));
     }
-    let model = load_model(&a.model)?;
+    let model = load_with_head(&a.model, a.head_type.as_deref())?;
     let n_vocab = model.config.n_vocab;
 
     let text_tokens = match &a.file {

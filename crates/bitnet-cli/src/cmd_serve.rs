@@ -9,8 +9,8 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model: a GGUF file or a Hugging Face model directory.
-    #[arg(short = 'm', long)]
+    /// Model: a GGUF file, a Hugging Face model directory, or a Hub reference OWNER/REPO[:X][@REV].
+    #[arg(short = 'm', long, default_value = crate::args::DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -51,11 +51,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let defaults = a.sampling.params()?;
     init_threads(a.threads)?;
     if a.parallel == 0 || a.ctx_size < 2 {
-        return Err(anyhow!("--parallel must be at least 1 and --ctx-size at least 2"));
+        return Err(anyhow!(
+            "--parallel must be at least 1 and --ctx-size at least 2"
+        ));
     }
-    let name = a.alias.clone().unwrap_or_else(|| a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    let name = a.alias.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let model_path = crate::args::resolve_model_path(&a.model)?;
     let cfg = ServerConfig {
-        model_path: a.model.clone(),
+        model_path,
         model_name: name,
         n_parallel: a.parallel,
         n_ctx: a.ctx_size,
@@ -66,11 +74,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
         default_max_tokens: a.n_predict,
         shutdown_grace: Duration::from_secs(30),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.map_err(|e| anyhow!("cannot listen on {}:{}: {e}", a.host, a.port))?;
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .map_err(|e| anyhow!("cannot listen on {}:{}: {e}", a.host, a.port))?;
         let addr = listener.local_addr()?;
-        eprintln!("bitnet serve: listening on http://{addr} ({} slots x {} tokens); loading {}", a.parallel, a.ctx_size, a.model.display());
+        eprintln!(
+            "bitnet serve: listening on http://{addr} ({} slots x {} tokens); loading {}",
+            a.parallel,
+            a.ctx_size,
+            a.model.display()
+        );
         let state = AppState::new(cfg);
         bitnet_server::serve(state, listener, shutdown_signal()).await?;
         eprintln!("bitnet serve: stopped");

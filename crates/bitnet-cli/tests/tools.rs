@@ -389,8 +389,30 @@ fn bench_reports_llama_bench_records() {
     assert!(lines[3].contains("| tg2 |"), "{out}");
     assert!(out.contains("peak RSS"), "{out}");
 
+    // The requantized head.
+    let out = ok(bitnet(&[
+        "bench",
+        "-m",
+        m,
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-t",
+        "1",
+        "-r",
+        "1",
+        "--json",
+        "--head-type",
+        "q8_0",
+    ]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v[0]["head_type"].as_str().unwrap().contains("Q8_0"), "{v}");
+
     let e = one_line_error(&bitnet(&["bench", "-m", m, "-p", "0", "-n", "0"]));
     assert!(e.contains("nothing to test"), "{e}");
+    let e = one_line_error(&bitnet(&["bench", "-m", m, "--head-type", "q4_0"]));
+    assert!(e.contains("q4_0"), "{e}");
 }
 
 #[test]
@@ -476,6 +498,12 @@ fn perplexity_and_kl_divergence() {
     assert!(kld.is_finite() && kld > 0.0, "{v}");
     assert!(v["kld_max"].as_f64().unwrap() >= v["kld_p99"].as_f64().unwrap());
     assert!(v["kld_stderr"].as_f64().unwrap() > 0.0);
+
+    // The output head requantized to Q8_0: a small cost, measured.
+    let v = run(&["-m", a, "--kl-divergence", lp, "--head-type", "q8_0"]);
+    let kld = v["kld_mean"].as_f64().unwrap();
+    assert!(kld > 0.0 && kld < 0.05, "{v}");
+    assert!(v["same_top_pct"].as_f64().unwrap() > 80.0, "{v}");
 
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "only a few words").unwrap();

@@ -13,8 +13,8 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod sampler;
-pub mod synth;
 pub mod scheduler;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

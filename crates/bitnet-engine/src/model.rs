@@ -20,8 +20,8 @@
 
 use crate::config::{Activation, Config, RopeStyle};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{self, BitLinear, Weights};
 pub use crate::weights::HeadType;
+use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};

@@ -39,9 +39,17 @@ impl FinishReason {
 pub enum Event {
     /// One generated token and the text it completes (possibly empty: held back for UTF-8 or
     /// a possible stop string).
-    Token { id: u32, text: String, logprobs: Option<TokenLogprobs> },
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The end; no more events follow.
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
 }
 
 pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
@@ -124,15 +132,31 @@ struct Slot {
 
 impl Scheduler {
     /// Start the scheduler thread with `n_parallel` slots of `n_ctx` tokens each.
-    pub fn start(model: Arc<Model>, n_parallel: usize, n_ctx: usize, max_queue: usize) -> Scheduler {
+    pub fn start(
+        model: Arc<Model>,
+        n_parallel: usize,
+        n_ctx: usize,
+        max_queue: usize,
+    ) -> Scheduler {
         let n_ctx = n_ctx.clamp(1, model.config.n_ctx_train);
-        let shared = Arc::new(Shared { queue: Mutex::new(VecDeque::new()), wake: Condvar::new(), max_queue, stopping: AtomicBool::new(false), metrics: Metrics::default() });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            max_queue,
+            stopping: AtomicBool::new(false),
+            metrics: Metrics::default(),
+        });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("bitnet-scheduler".into())
             .spawn(move || run_loop(&model, &sh, n_parallel.max(1), n_ctx))
             .expect("cannot start the scheduler thread");
-        Scheduler { shared, thread: Mutex::new(Some(thread)), n_parallel: n_parallel.max(1), n_ctx }
+        Scheduler {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            n_parallel: n_parallel.max(1),
+            n_ctx,
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -145,15 +169,26 @@ impl Scheduler {
             return Err(SubmitError::ShuttingDown);
         }
         if req.prompt.is_empty() || req.prompt.len() >= self.n_ctx {
-            return Err(SubmitError::TooLong { prompt: req.prompt.len(), n_ctx: self.n_ctx });
+            return Err(SubmitError::TooLong {
+                prompt: req.prompt.len(),
+                n_ctx: self.n_ctx,
+            });
         }
         let mut q = self.shared.queue.lock().unwrap();
-        if q.len() >= self.shared.max_queue {
+        // Room = free slots + the wait queue.
+        let active = self.shared.metrics.active_slots.load(Ordering::SeqCst) as usize;
+        if q.len() + active >= self.n_parallel + self.shared.max_queue {
             return Err(SubmitError::Busy);
         }
         q.push_back(req);
-        self.shared.metrics.queue_len.store(q.len() as u64, Ordering::Relaxed);
-        self.shared.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .queue_len
+            .store(q.len() as u64, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .requests_total
+            .fetch_add(1, Ordering::Relaxed);
         self.shared.wake.notify_one();
         Ok(())
     }
@@ -173,7 +208,12 @@ impl Scheduler {
 fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
     let tok = model.tokenizer.clone();
     let stop_ids = tok.as_ref().map(|t| t.stop_ids()).unwrap_or_default();
-    let mut slots: Vec<Slot> = (0..n_parallel).map(|_| Slot { session: model.new_session(n_ctx), active: None }).collect();
+    let mut slots: Vec<Slot> = (0..n_parallel)
+        .map(|_| Slot {
+            session: model.new_session(n_ctx),
+            active: None,
+        })
+        .collect();
     let mut ws = Workspace::default();
     let m = &sh.metrics;
     loop {
@@ -184,7 +224,8 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                 for slot in slots.iter_mut().filter(|s| s.active.is_none()) {
                     let Some(req) = q.pop_front() else { break };
                     slot.session.reset();
-                    m.prompt_tokens_total.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+                    m.prompt_tokens_total
+                        .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
                     slot.active = Some(Active {
                         prompt_len: req.prompt.len(),
                         pending: req.prompt,
@@ -199,22 +240,31 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                     });
                 }
                 m.queue_len.store(q.len() as u64, Ordering::Relaxed);
+                m.active_slots.store(
+                    slots.iter().filter(|s| s.active.is_some()).count() as u64,
+                    Ordering::SeqCst,
+                );
                 if slots.iter().any(|s| s.active.is_some()) {
                     break;
                 }
                 if sh.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                q = sh.wake.wait_timeout(q, Duration::from_millis(200)).unwrap().0;
+                q = sh
+                    .wake
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .unwrap()
+                    .0;
             }
         }
-        m.active_slots.store(slots.iter().filter(|s| s.active.is_some()).count() as u64, Ordering::Relaxed);
 
         // This step's tokens: every decoding slot's next token, plus prompt chunks.
         let mut budget = PREFILL_CHUNK;
         let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (slot, tokens, sample after?)
         for (i, slot) in slots.iter_mut().enumerate() {
-            let Some(a) = slot.active.as_mut() else { continue };
+            let Some(a) = slot.active.as_mut() else {
+                continue;
+            };
             if let Some(t) = a.next.take() {
                 plan.push((i, vec![t], true));
             } else if !a.pending.is_empty() && budget > 0 {
@@ -235,7 +285,10 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
             for (i, toks, _) in &plan {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
                 let (head, tail) = tail.split_at_mut(1);
-                items.push(BatchItem { session: &mut head[0].session, tokens: toks });
+                items.push(BatchItem {
+                    session: &mut head[0].session,
+                    tokens: toks,
+                });
                 rest = tail;
                 base = i + 1;
             }
@@ -248,7 +301,11 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                 eprintln!("error: batched forward failed: {e}");
                 for (i, _, _) in &plan {
                     if let Some(mut a) = slots[*i].active.take() {
-                        (a.sink)(Event::Done { finish: FinishReason::Length, prompt_tokens: a.prompt_len, completion_tokens: a.generated });
+                        (a.sink)(Event::Done {
+                            finish: FinishReason::Length,
+                            prompt_tokens: a.prompt_len,
+                            completion_tokens: a.generated,
+                        });
                     }
                 }
                 continue;
@@ -265,7 +322,9 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
             let row = &logits[k * v..(k + 1) * v];
             let (id, lp) = match a.logprobs {
                 Some(n) => {
-                    let (id, lp) = a.sampler.sample_with_logprobs(row, slot.session.tokens(), n);
+                    let (id, lp) = a
+                        .sampler
+                        .sample_with_logprobs(row, slot.session.tokens(), n);
                     (id, Some(lp))
                 }
                 None => (a.sampler.sample(row, slot.session.tokens()), None),
@@ -279,7 +338,11 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                 a.generated += 1;
                 let piece = tok.as_ref().map(|t| a.dec.push(t, id)).unwrap_or_default();
                 let (text, hit) = a.stops.push(&piece);
-                alive = (a.sink)(Event::Token { id, text, logprobs: lp });
+                alive = (a.sink)(Event::Token {
+                    id,
+                    text,
+                    logprobs: lp,
+                });
                 if hit {
                     finish = Some(FinishReason::Stop);
                 } else if a.generated >= a.max_tokens || slot.session.pos() >= slot.session.n_ctx {
@@ -290,7 +353,11 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                     let (tail, _) = a.stops.push(&a.dec.flush());
                     let rest = tail + &a.stops.finish();
                     if !rest.is_empty() && alive {
-                        alive = (a.sink)(Event::Token { id, text: rest, logprobs: None });
+                        alive = (a.sink)(Event::Token {
+                            id,
+                            text: rest,
+                            logprobs: None,
+                        });
                     }
                 }
             }
@@ -302,16 +369,29 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
             match finish {
                 Some(f) => {
                     let mut a = slot.active.take().expect("active");
-                    (a.sink)(Event::Done { finish: f, prompt_tokens: a.prompt_len, completion_tokens: a.generated });
+                    (a.sink)(Event::Done {
+                        finish: f,
+                        prompt_tokens: a.prompt_len,
+                        completion_tokens: a.generated,
+                    });
                 }
                 None => a.next = Some(id),
             }
         }
         let dt = start.elapsed().as_secs_f64();
-        m.generated_tokens_total.fetch_add(decoded, Ordering::Relaxed);
+        m.generated_tokens_total
+            .fetch_add(decoded, Ordering::Relaxed);
         if decoded > 0 {
-            m.generation_tps_bits.store((decoded as f64 / dt.max(1e-9)).to_bits(), Ordering::Relaxed);
+            m.generation_tps_bits
+                .store((decoded as f64 / dt.max(1e-9)).to_bits(), Ordering::Relaxed);
         }
-        m.kv_tokens_used.store(slots.iter().filter(|s| s.active.is_some()).map(|s| s.session.pos() as u64).sum(), Ordering::Relaxed);
+        m.kv_tokens_used.store(
+            slots
+                .iter()
+                .filter(|s| s.active.is_some())
+                .map(|s| s.session.pos() as u64)
+                .sum(),
+            Ordering::Relaxed,
+        );
     }
 }

@@ -65,7 +65,11 @@ fn diff(a: &[f32], b: &[f32], v: usize) -> Diff {
 
 #[test]
 fn every_isa_gives_the_scalar_logits() {
-    for rel in ["gguf/tiny-i2_s.gguf", "gguf/tiny-tq2_0.gguf", "checkpoint_packed"] {
+    for rel in [
+        "gguf/tiny-i2_s.gguf",
+        "gguf/tiny-tq2_0.gguf",
+        "checkpoint_packed",
+    ] {
         let mut m = Model::load(&tiny(rel)).unwrap();
         m.isa = Isa::Scalar;
         let want = all_logits(&m);

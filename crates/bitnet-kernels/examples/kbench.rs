@@ -1,10 +1,28 @@
-//! Quick kernel timings on BitNet b1.58 2B4T shapes: `cargo run --release -p bitnet-kernels
-//! --example kbench [-- filter]`. Prints time per call and weight bytes streamed per second for
-//! every available ISA, on 1 and 2 threads, so speedups can be read as ratios within one run.
+//! Kernel timings on BitNet b1.58 2B4T shapes, every kernel next to its baselines in the same
+//! run: `cargo run --release -p bitnet-kernels --example kbench [-- FILTER [cache|stream]]`.
+//!
+//! - ternary GEMV/GEMM (2560x2560, 6912x2560, 2560x6912; 1 and 128 tokens): scalar, the
+//!   previous AVX2 kernel (copied below as the baseline), and every ISA this CPU runs;
+//! - the output head (128256 x 2560): F16 one row per call (previous), F16 four rows per call,
+//!   and the Q8_0 requantized head;
+//! - per-call dispatch cost of the worker pool against rayon.
+//!
+//! `stream` (default) cycles through enough copies of each matrix to exceed the last-level
+//! cache, as a decode step does; `cache` reuses one copy (compute-bound throughput).
+//! Prints median microseconds per call, weight GB/s and the ratio to the first line of each
+//! group, for 1 and 2 threads.
 
+use bitnet_kernels::float::{dot_f16, matmul_f16, par_rows};
+use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
-use bitnet_kernels::Isa;
+use bitnet_kernels::{Isa, SyncPtr};
 use std::time::Instant;
+
+fn wall() -> f64 {
+    use std::sync::OnceLock;
+    static T0: OnceLock<Instant> = OnceLock::new();
+    T0.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
 
 struct Lcg(u64);
 impl Lcg {
@@ -17,50 +35,190 @@ impl Lcg {
     }
 }
 
-/// Median seconds per call of `f`, running it for about `budget` seconds.
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread (Linux CLOCK_THREAD_CPUTIME_ID): on a busy machine this
+/// leaves out the time the thread waited for a core.
+fn thread_cpu() -> f64 {
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: plain libc call with a valid pointer.
+    unsafe { clock_gettime(3, &mut ts) };
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+/// Median seconds per call of `f`, running it for about `budget` seconds. With one thread
+/// the thread's CPU time is measured (robust to other processes); with more, wall time.
 fn time<F: FnMut()>(mut f: F, budget: f64) -> f64 {
     f();
+    let cpu = rayon::current_num_threads() == 1;
+    let now = || if cpu { thread_cpu() } else { wall() };
     let mut samples = Vec::new();
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < budget || samples.len() < 5 {
-        let t = Instant::now();
+        let t = now();
         f();
-        samples.push(t.elapsed().as_secs_f64());
+        samples.push(now() - t);
     }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     samples[samples.len() / 2]
 }
 
-/// The old dispatch (rayon chunks), for comparing the per-call overhead with the pool's.
-fn gemm_rayon(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out: &mut [i32]) {
-    use rayon::prelude::*;
-    let rows = w.rows;
-    let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
-    let out_ptr = bitnet_kernels::SyncPtr(out.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let r0 = c * chunk;
-        let r1 = (r0 + chunk).min(rows);
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), n_tok * rows) };
-        ternary::gemm_rows(isa, w, q, qsum, n_tok, r0..r1, out);
-    });
+/// The AVX2 kernel before this change (rayon chunks, 4 tokens per unpack, i32 widening every
+/// block), kept here as the baseline.
+mod old {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack(p: *const u8) -> [__m256i; 4] {
+        let mask = _mm256_set1_epi8(3);
+        let w = _mm256_loadu_si256(p as *const __m256i);
+        [
+            _mm256_and_si256(_mm256_srli_epi16(w, 6), mask),
+            _mm256_and_si256(_mm256_srli_epi16(w, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(w, 2), mask),
+            _mm256_and_si256(w, mask),
+        ]
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_dot(c: &[__m256i; 4], q: *const i8) -> __m256i {
+        let ld = |i: usize| _mm256_loadu_si256(q.add(32 * i) as *const __m256i);
+        let s01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[0], ld(0)),
+            _mm256_maddubs_epi16(c[1], ld(1)),
+        );
+        let s23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[2], ld(2)),
+            _mm256_maddubs_epi16(c[3], ld(3)),
+        );
+        _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows(
+        w: TernaryView,
+        q: &[i8],
+        qsum: &[i32],
+        n_tok: usize,
+        rr: std::ops::Range<usize>,
+        out: &mut [i32],
+    ) {
+        let nb = w.kp / 128;
+        let qp = q.as_ptr();
+        for r in rr {
+            let row = w.row(r).as_ptr();
+            let mut t = 0;
+            while t + 4 <= n_tok {
+                let mut acc = [_mm256_setzero_si256(); 4];
+                for b in 0..nb {
+                    let c = unpack(row.add(32 * b));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_epi32(*a, block_dot(&c, qp.add((t + i) * w.kp + 128 * b)));
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    out[(t + i) * w.rows + r] = hsum(*a) - qsum[t + i];
+                }
+                t += 4;
+            }
+            while t < n_tok {
+                let mut acc = _mm256_setzero_si256();
+                for b in 0..nb {
+                    let c = unpack(row.add(32 * b));
+                    acc = _mm256_add_epi32(acc, block_dot(&c, qp.add(t * w.kp + 128 * b)));
+                }
+                out[t * w.rows + r] = hsum(acc) - qsum[t];
+                t += 1;
+            }
+        }
+    }
+
+    pub fn gemm(w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out: &mut [i32]) {
+        use rayon::prelude::*;
+        let nrows = w.rows;
+        let chunk = (nrows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        (0..nrows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(nrows);
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), n_tok * nrows) };
+            unsafe { rows(w, q, qsum, n_tok, r0..r1, out) };
+        });
+    }
+
+    /// The previous F16 head: one row per `dot_f16` call, rayon chunks.
+    pub fn head_f16(isa: Isa, data: &[u8], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
+        use rayon::prelude::*;
+        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let p = out_ptr.get();
+            for r in c * chunk..((c + 1) * chunk).min(rows) {
+                unsafe { *p.add(r) = dot_f16(isa, &data[r * cols * 2..(r + 1) * cols * 2], x) };
+            }
+        });
+    }
+}
+
+fn line(
+    threads: usize,
+    name: &str,
+    kernel: &str,
+    t: f64,
+    bytes: usize,
+    macs: usize,
+    base: &mut Option<f64>,
+) {
+    let ratio = base.map(|b| b / t).unwrap_or(1.0);
+    base.get_or_insert(t);
+    println!(
+        "t={threads} {name:<26} {kernel:<14} {:>10.1} us {:>6.1} GB/s {:>7.1} Gmac/s  x{ratio:.2}",
+        t * 1e6,
+        bytes as f64 / t / 1e9,
+        macs as f64 / t / 1e9
+    );
 }
 
 fn main() {
-    let filter = std::env::args().nth(1).unwrap_or_default();
+    let args: Vec<String> = std::env::args().collect();
+    let filter = args.get(1).cloned().unwrap_or_default();
+    let stream = args.get(2).map(|s| s != "cache").unwrap_or(true);
+    let stream_bytes: usize = if stream { 256 << 20 } else { 0 };
     let mut rng = Lcg(7);
     let isas = Isa::all_available();
-    // Weights are streamed from memory as in a real decode step: each call uses the next of
-    // enough copies to exceed the last-level cache many times over.
-    const STREAM_BYTES: usize = 256 << 20;
+    println!(
+        "kernels: {:?}; weights {}",
+        isas.iter().map(|i| i.name()).collect::<Vec<_>>(),
+        if stream {
+            "streamed (> LLC)"
+        } else {
+            "cache-resident"
+        }
+    );
+    let has = |n: &str| filter.is_empty() || n.contains(&filter);
     for threads in [1usize, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
+        let tp = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        pool.install(|| {
-            if "dispatch".contains(&filter) || filter.is_empty() {
-                // Per-call overhead: a small GEMV (64 rows x 2560, in cache) through the
-                // persistent pool and through rayon chunks.
+        tp.install(|| {
+            if has("dispatch") {
                 let (rows, kp) = (64usize, 2560usize);
                 let w = vec![0x55u8; rows * kp / 4];
                 let view = TernaryView::new(&w, rows, kp);
@@ -68,13 +226,13 @@ fn main() {
                 let mut out = vec![0i32; rows];
                 let isa = Isa::detect();
                 let a = time(|| ternary::gemm(isa, view, &q, &[kp as i32], 1, &mut out), 0.3);
-                let b = time(|| gemm_rayon(isa, view, &q, &[kp as i32], 1, &mut out), 0.3);
+                let b = time(|| old::gemm(view, &q, &[kp as i32], 1, &mut out), 0.3);
                 let c = time(
                     || ternary::gemm_rows(isa, view, &q, &[kp as i32], 1, 0..rows, &mut out),
                     0.3,
                 );
                 println!(
-                    "t={threads} dispatch of a 64x2560 GEMV: pool {:.2} us, rayon {:.2} us, no threads {:.2} us",
+                    "t={threads} dispatch, 64x2560 GEMV: pool {:.2} us, rayon chunks {:.2} us, one thread no dispatch {:.2} us",
                     a * 1e6,
                     b * 1e6,
                     c * 1e6
@@ -83,7 +241,7 @@ fn main() {
             for &(rows, k) in &[(2560usize, 2560usize), (6912, 2560), (2560, 6912)] {
                 let kp = padded_len(k);
                 let bytes = rows * kp / 4;
-                let copies = STREAM_BYTES.div_ceil(bytes);
+                let copies = stream_bytes.div_ceil(bytes).max(1);
                 let one: Vec<u8> = (0..bytes)
                     .map(|_| {
                         let mut b = 0u8;
@@ -93,13 +251,10 @@ fn main() {
                         b
                     })
                     .collect();
-                let mut w = Vec::with_capacity(copies * bytes);
-                for _ in 0..copies {
-                    w.extend_from_slice(&one);
-                }
+                let w = one.repeat(copies);
                 for n_tok in [1usize, 128] {
-                    let name = format!("gemm {rows}x{k} n_tok={n_tok}");
-                    if !name.contains(&filter) {
+                    let name = format!("ternary {rows}x{k} n={n_tok}");
+                    if !has(&name) {
                         continue;
                     }
                     let q: Vec<i8> = (0..n_tok * kp).map(|_| rng.next() as i8).collect();
@@ -107,31 +262,62 @@ fn main() {
                         .map(|t| q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum())
                         .collect();
                     let mut out = vec![0i32; n_tok * rows];
+                    let mut want = vec![0i32; n_tok * rows];
                     let mut base = None;
-                    for &isa in &isas {
-                        if isa == Isa::Scalar && (n_tok > 1 || threads > 1) {
-                            continue;
-                        }
-                        let mut i = 0;
-                        let t = time(
-                            || {
-                                let view = TernaryView::new(&w[i * bytes..], rows, kp);
-                                i = (i + 1) % copies;
-                                ternary::gemm(isa, view, &q, &qsum, n_tok, &mut out)
-                            },
-                            if isa == Isa::Scalar { 0.3 } else { 0.6 },
-                        );
-                        let gbs = bytes as f64 / t / 1e9;
-                        let ratio = base.map(|b: f64| b / t).unwrap_or(1.0);
-                        base.get_or_insert(t);
-                        println!(
-                            "t={threads} {name:<28} {:<10} {:>9.1} us  {:>6.1} GB/s  {:>7.1} Gmac/s  x{ratio:.2}",
-                            isa.name(),
-                            t * 1e6,
-                            gbs,
-                            (rows * k * n_tok) as f64 / t / 1e9
-                        );
+                    let macs = rows * k * n_tok;
+                    let mut i = 0;
+                    let mut next = || {
+                        let v = TernaryView::new(&w[i * bytes..], rows, kp);
+                        i = (i + 1) % copies;
+                        v
+                    };
+                    if n_tok == 1 && threads == 1 {
+                        let t = time(|| ternary::gemm(Isa::Scalar, next(), &q, &qsum, n_tok, &mut want), 0.3);
+                        line(threads, &name, "scalar", t, bytes, macs, &mut base);
                     }
+                    let t = time(|| old::gemm(next(), &q, &qsum, n_tok, &mut out), 0.6);
+                    line(threads, &name, "avx2 (before)", t, bytes, macs, &mut base);
+                    for &isa in isas.iter().filter(|&&i| i != Isa::Scalar) {
+                        let t = time(|| ternary::gemm(isa, next(), &q, &qsum, n_tok, &mut out), 0.6);
+                        line(threads, &name, isa.name(), t, bytes, macs, &mut base);
+                    }
+                }
+            }
+            let (rows, cols) = (128256usize, 2560usize);
+            let name = format!("head {rows}x{cols}");
+            if has(&name) {
+                let f16: Vec<u8> = (0..rows * cols)
+                    .flat_map(|_| half::f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0).to_le_bytes())
+                    .collect();
+                let x: Vec<f32> = (0..cols).map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                let mut out = vec![0f32; rows];
+                let mut base = None;
+                let isa = Isa::detect();
+                let macs = rows * cols;
+                let t = time(|| old::head_f16(isa, &f16, rows, cols, &x, &mut out), 1.0);
+                line(threads, &name, "f16 (before)", t, f16.len(), macs, &mut base);
+                let t = time(
+                    || {
+                        par_rows(rows, 1, cols, &x, &mut out, |r, xt| {
+                            dot_f16(isa, &f16[r * cols * 2..(r + 1) * cols * 2], xt)
+                        })
+                    },
+                    1.0,
+                );
+                line(threads, &name, "f16 1row pool", t, f16.len(), macs, &mut base);
+                for &isa in &isas {
+                    let t = time(|| matmul_f16(isa, &f16, rows, cols, &x, 1, &mut out), 1.0);
+                    line(threads, &name, &format!("f16 {}", isa.name()), t, f16.len(), macs, &mut base);
+                }
+                let q8 = Q8Matrix::from_rows(rows, cols, |r, o| {
+                    for (c, v) in o.iter_mut().enumerate() {
+                        *v = half::f16::from_le_bytes([f16[2 * (r * cols + c)], f16[2 * (r * cols + c) + 1]]).to_f32();
+                    }
+                });
+                drop(f16);
+                for &isa in &isas {
+                    let t = time(|| q8.matmul(isa, &x, 1, &mut out), 1.0);
+                    line(threads, &name, &format!("q8_0 {}", isa.name()), t, q8.bytes(), macs, &mut base);
                 }
             }
         });

@@ -158,9 +158,10 @@ mod tests {
             let a = __m512i(std::array::from_fn(|i| (i * 37 + 200) as u8));
             let b = __m512i(std::array::from_fn(|i| (i * 11) as u8));
             let d = _mm512_dpbusd_epi32(_mm512_set1_epi32(5), a, b);
-            let want0: i32 = 5 + (0..4)
-                .map(|k| a.0[k] as i32 * b.0[k] as i8 as i32)
-                .sum::<i32>();
+            let want0: i32 = 5
+                + (0..4)
+                    .map(|k| a.0[k] as i32 * b.0[k] as i8 as i32)
+                    .sum::<i32>();
             assert_eq!(d.i32(0), want0);
             let mut counts = __m512i([0; 64]);
             counts.set_u16(0, 3);

@@ -289,7 +289,13 @@ mod tests {
     #[test]
     fn f16_matmul_kernels_agree() {
         let mut rng = Lcg(9);
-        for (rows, cols, n_tok) in [(1, 1, 1), (7, 33, 2), (13, 100, 3), (9, 2560, 1), (4, 64, 5)] {
+        for (rows, cols, n_tok) in [
+            (1, 1, 1),
+            (7, 33, 2),
+            (13, 100, 3),
+            (9, 2560, 1),
+            (4, 64, 5),
+        ] {
             let h: Vec<f16> = (0..rows * cols).map(|_| f16::from_f32(rng.f32())).collect();
             let bytes: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
             let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32()).collect();
@@ -306,17 +312,27 @@ mod tests {
                 let mut got = vec![0f32; n_tok * rows];
                 matmul_f16(isa, &bytes, rows, cols, &x, n_tok, &mut got);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((*g as f64 - w).abs() < tol, "{} {rows}x{cols}: {g} vs {w}", isa.name());
+                    assert!(
+                        (*g as f64 - w).abs() < tol,
+                        "{} {rows}x{cols}: {g} vs {w}",
+                        isa.name()
+                    );
                 }
             }
             for r0 in (0..rows.saturating_sub(3)).step_by(4) {
-                let ptrs: [*const u8; 4] = std::array::from_fn(|i| bytes[(r0 + i) * cols * 2..].as_ptr());
+                let ptrs: [*const u8; 4] =
+                    std::array::from_fn(|i| bytes[(r0 + i) * cols * 2..].as_ptr());
                 for t in 0..n_tok {
                     // SAFETY: emulated kernel, rows of `cols` values.
-                    let got = unsafe { avx512_emu::dot_f16::<4>(&ptrs, x[t * cols..].as_ptr(), cols) };
+                    let got =
+                        unsafe { avx512_emu::dot_f16::<4>(&ptrs, x[t * cols..].as_ptr(), cols) };
                     for i in 0..4 {
                         let w = want[t * rows + r0 + i];
-                        assert!((got[i] as f64 - w).abs() < tol, "emulated avx512: {} vs {w}", got[i]);
+                        assert!(
+                            (got[i] as f64 - w).abs() < tol,
+                            "emulated avx512: {} vs {w}",
+                            got[i]
+                        );
                     }
                 }
             }

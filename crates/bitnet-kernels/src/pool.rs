@@ -136,7 +136,7 @@ fn worker(s: &'static Shared, index: usize, mut seen: u64) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -192,10 +192,9 @@ pub fn run(n_parts: usize, f: &(dyn Fn(usize) + Sync)) {
         return;
     }
     let p = pool();
-    if p
-            .busy
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
+    if p.busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
     {
         // Busy (another thread's job, or nested): run everything here.
         (0..n_parts).for_each(f);
@@ -232,7 +231,8 @@ pub fn run(n_parts: usize, f: &(dyn Fn(usize) + Sync)) {
     s.panicked.store(false, Ordering::Relaxed);
     s.done.store(0, Ordering::Relaxed);
     let epoch = ((s.claim.load(Ordering::Relaxed) >> 32) + 1) & 0xFFFF_FFFF;
-    s.claim.store(word(epoch, n_workers, n_parts, 0), Ordering::SeqCst);
+    s.claim
+        .store(word(epoch, n_workers, n_parts, 0), Ordering::SeqCst);
     if s.sleepers.load(Ordering::SeqCst) > 0 {
         let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
         s.wake.notify_all();
@@ -295,7 +295,7 @@ mod tests {
                     for i in 0..parts {
                         let r = split(n, parts, align, i);
                         assert_eq!(r.start, next);
-                        assert!(r.start % align == 0 || r.start == n);
+                        assert!(r.start.is_multiple_of(align) || r.start == n);
                         next = r.end;
                     }
                     assert_eq!(next, n);

@@ -17,7 +17,9 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (i, qi) in q.iter_mut().enumerate().take(QK) {
-        *qi = x.get(i).map_or(0, |&v| (v * id).round().clamp(-127.0, 127.0) as i8);
+        *qi = x
+            .get(i)
+            .map_or(0, |&v| (v * id).round().clamp(-127.0, 127.0) as i8);
     }
     d
 }
@@ -224,7 +226,13 @@ mod tests {
     #[test]
     fn q8_matmul_kernels_agree_with_the_scalar_twin() {
         let mut rng = Lcg(11);
-        for (rows, cols, n_tok) in [(1, 1, 1), (5, 33, 2), (13, 100, 3), (9, 2560, 1), (8, 64, 5)] {
+        for (rows, cols, n_tok) in [
+            (1, 1, 1),
+            (5, 33, 2),
+            (13, 100, 3),
+            (9, 2560, 1),
+            (8, 64, 5),
+        ] {
             let m: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
             let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32()).collect();
             let q = Q8Matrix::from_rows(rows, cols, |r, out| {
@@ -236,14 +244,21 @@ mod tests {
                 for r in 0..rows {
                     let exact: f32 = (0..cols).map(|c| m[r * cols + c] * x[t * cols + c]).sum();
                     let got = reference[t * rows + r];
-                    assert!((got - exact).abs() < 0.02 * (cols as f32).sqrt(), "{got} vs {exact}");
+                    assert!(
+                        (got - exact).abs() < 0.02 * (cols as f32).sqrt(),
+                        "{got} vs {exact}"
+                    );
                 }
             }
             for isa in Isa::all_available() {
                 let mut got = vec![0f32; n_tok * rows];
                 q.matmul(isa, &x, n_tok, &mut got);
                 for (g, w) in got.iter().zip(&reference) {
-                    assert!((g - w).abs() <= 1e-4 * (cols as f32).sqrt(), "{}: {g} vs {w}", isa.name());
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (cols as f32).sqrt(),
+                        "{}: {g} vs {w}",
+                        isa.name()
+                    );
                 }
             }
             let mut row = vec![0f32; cols];

@@ -73,7 +73,8 @@ impl<'a> TernaryView<'a> {
 }
 
 /// Which implementation to use. Chosen once by CPU feature detection; tests force each one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered from the slowest (the scalar reference) to the fastest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     Avx2,
@@ -113,7 +114,12 @@ impl Isa {
 
     /// Parse "scalar", "avx2", "avx512" (also "avx512vnni", "avx512_vnni").
     pub fn parse(s: &str) -> Option<Isa> {
-        match s.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+        match s
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', '_'], "")
+            .as_str()
+        {
             "scalar" => Some(Isa::Scalar),
             "avx2" => Some(Isa::Avx2),
             "avx512" | "avx512vnni" => Some(Isa::Avx512Vnni),
@@ -156,18 +162,6 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
         }
-    }
-}
-
-impl PartialOrd for Isa {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Isa {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (*self as u8).cmp(&(*other as u8))
     }
 }
 
@@ -214,7 +208,10 @@ pub fn gemm_rows(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(Isa::Avx2.is_available(), "AVX2 kernel on a CPU without AVX2");
+            assert!(
+                Isa::Avx2.is_available(),
+                "AVX2 kernel on a CPU without AVX2"
+            );
             // SAFETY: the CPU has AVX2 and every pointer the kernels form stays inside `w`,
             // `q` (rows of kp bytes) and `out` (checked above).
             unsafe {
@@ -377,9 +374,11 @@ mod avx2 {
                             c[i] = _mm256_and_si256($c(wv[i]), mask);
                         }
                         for j in 0..T {
-                            let qv = _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
+                            let qv =
+                                _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
                             for i in 0..R {
-                                acc[i][j] = _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(c[i], qv));
+                                acc[i][j] =
+                                    _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(c[i], qv));
                             }
                         }
                     };
@@ -687,8 +686,19 @@ mod tests {
                 let want = (code as i32 - 1) * act as i32 * kp as i32;
                 for isa in Isa::all_available() {
                     let mut got = vec![0i32; n_tok * rows];
-                    gemm(isa, TernaryView::new(&packed, rows, kp), &q, &qsum, n_tok, &mut got);
-                    assert!(got.iter().all(|&v| v == want), "{} {code} {act}", isa.name());
+                    gemm(
+                        isa,
+                        TernaryView::new(&packed, rows, kp),
+                        &q,
+                        &qsum,
+                        n_tok,
+                        &mut got,
+                    );
+                    assert!(
+                        got.iter().all(|&v| v == want),
+                        "{} {code} {act}",
+                        isa.name()
+                    );
                 }
             }
         }

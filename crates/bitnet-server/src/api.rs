@@ -19,7 +19,11 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// `{"error": {"message", "type", "code"}}` with the status.
 pub fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, axum::Json(json!({"error": {"message": message, "type": kind, "code": status.as_u16()}}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})),
+    )
+        .into_response()
 }
 
 fn bad_request(message: &str) -> Response {
@@ -32,18 +36,35 @@ pub async fn not_found() -> Response {
 
 /// Read and parse a JSON body ourselves, so that a body over the limit, malformed JSON and
 /// wrong field types all become clear JSON errors.
-async fn parse_body<T: for<'de> Deserialize<'de>>(st: &SharedState, body: Body) -> Result<T, Response> {
+async fn parse_body<T: for<'de> Deserialize<'de>>(
+    st: &SharedState,
+    body: Body,
+) -> Result<T, Response> {
     let bytes = axum::body::to_bytes(body, st.cfg.body_limit)
         .await
-        .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", &format!("request body larger than {} bytes", st.cfg.body_limit)))?;
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                &format!("request body larger than {} bytes", st.cfg.body_limit),
+            )
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid request body: {e}")))
 }
 
 pub async fn health(State(st): State<SharedState>) -> Response {
     match st.ready() {
         Ok(_) => axum::Json(json!({"status": "ok"})).into_response(),
-        Err(_) if matches!(st.loaded.get(), Some(Err(_))) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "the model failed to load"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "loading model"}))).into_response(),
+        Err(_) if matches!(st.loaded.get(), Some(Err(_))) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable_error",
+            "the model failed to load",
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading model"})),
+        )
+            .into_response(),
     }
 }
 
@@ -61,19 +82,76 @@ pub async fn metrics(State(st): State<SharedState>) -> Response {
     let used = m.kv_tokens_used.load(Ordering::Relaxed);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        out.push_str(&format!("# HELP bitnet_{name} {help}\n# TYPE bitnet_{name} {kind}\nbitnet_{name} {value}\n"));
+        out.push_str(&format!(
+            "# HELP bitnet_{name} {help}\n# TYPE bitnet_{name} {kind}\nbitnet_{name} {value}\n"
+        ));
     };
-    metric("requests_total", "counter", "Generation requests accepted.", m.requests_total.load(Ordering::Relaxed).to_string());
-    metric("requests_cancelled_total", "counter", "Requests cancelled because the client went away.", m.requests_cancelled.load(Ordering::Relaxed).to_string());
-    metric("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens_total.load(Ordering::Relaxed).to_string());
-    metric("generated_tokens_total", "counter", "Tokens generated.", m.generated_tokens_total.load(Ordering::Relaxed).to_string());
-    metric("generation_tokens_per_second", "gauge", "Generation throughput of the last batched step.", format!("{:.3}", m.generation_tps()));
-    metric("queue_length", "gauge", "Requests waiting for a slot.", m.queue_len.load(Ordering::Relaxed).to_string());
-    metric("active_slots", "gauge", "Slots generating now.", m.active_slots.load(Ordering::Relaxed).to_string());
-    metric("slots_total", "gauge", "Slots (--parallel).", l.sched.n_parallel.to_string());
-    metric("kv_cache_used_tokens", "gauge", "KV-cache positions in use.", used.to_string());
-    metric("kv_cache_capacity_tokens", "gauge", "KV-cache positions in all slots.", cap.to_string());
-    metric("kv_cache_usage_ratio", "gauge", "Fraction of the KV cache in use.", format!("{:.6}", used as f64 / cap.max(1) as f64));
+    metric(
+        "requests_total",
+        "counter",
+        "Generation requests accepted.",
+        m.requests_total.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "requests_cancelled_total",
+        "counter",
+        "Requests cancelled because the client went away.",
+        m.requests_cancelled.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed.",
+        m.prompt_tokens_total.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "generated_tokens_total",
+        "counter",
+        "Tokens generated.",
+        m.generated_tokens_total.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "generation_tokens_per_second",
+        "gauge",
+        "Generation throughput of the last batched step.",
+        format!("{:.3}", m.generation_tps()),
+    );
+    metric(
+        "queue_length",
+        "gauge",
+        "Requests waiting for a slot.",
+        m.queue_len.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "active_slots",
+        "gauge",
+        "Slots generating now.",
+        m.active_slots.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "slots_total",
+        "gauge",
+        "Slots (--parallel).",
+        l.sched.n_parallel.to_string(),
+    );
+    metric(
+        "kv_cache_used_tokens",
+        "gauge",
+        "KV-cache positions in use.",
+        used.to_string(),
+    );
+    metric(
+        "kv_cache_capacity_tokens",
+        "gauge",
+        "KV-cache positions in all slots.",
+        cap.to_string(),
+    );
+    metric(
+        "kv_cache_usage_ratio",
+        "gauge",
+        "Fraction of the KV cache in use.",
+        format!("{:.6}", used as f64 / cap.max(1) as f64),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -133,7 +211,9 @@ pub async fn detokenize(State(st): State<SharedState>, body: Body) -> Response {
     };
     let n = l.model.config.n_vocab;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= n) {
-        return bad_request(&format!("token id {bad} is outside the vocabulary (0..{n})"));
+        return bad_request(&format!(
+            "token id {bad} is outside the vocabulary (0..{n})"
+        ));
     }
     let tok = l.model.tokenizer.as_ref().expect("checked at load");
     axum::Json(json!({"content": tok.decode(&req.tokens)})).into_response()
@@ -255,16 +335,23 @@ fn sampling(st: &SharedState, c: &Common, n_vocab: usize) -> Result<SamplingPara
     }
     let mut logit_bias = Vec::new();
     for (k, v) in c.logit_bias.iter().flatten() {
-        let id: u32 = k.parse().map_err(|_| bad_request(&format!("logit_bias key {k:?} is not a token id")))?;
+        let id: u32 = k
+            .parse()
+            .map_err(|_| bad_request(&format!("logit_bias key {k:?} is not a token id")))?;
         if !(-100.0..=100.0).contains(v) {
-            return Err(bad_request(&format!("logit_bias value {v} for token {id} must be between -100 and 100")));
+            return Err(bad_request(&format!(
+                "logit_bias value {v} for token {id} must be between -100 and 100"
+            )));
         }
         // OpenAI semantics: -100 bans a token.
         logit_bias.push((id, if *v <= -100.0 { f32::NEG_INFINITY } else { *v }));
     }
     let seed = match c.seed {
         Some(s) => s as u64,
-        None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
     };
     let p = SamplingParams {
         temperature: c.temperature.unwrap_or(d.temperature),
@@ -280,7 +367,8 @@ fn sampling(st: &SharedState, c: &Common, n_vocab: usize) -> Result<SamplingPara
         seed,
     };
     p.validate().map_err(|e| bad_request(&e.to_string()))?;
-    p.validate_vocab(n_vocab).map_err(|e| bad_request(&e.to_string()))?;
+    p.validate_vocab(n_vocab)
+        .map_err(|e| bad_request(&e.to_string()))?;
     Ok(p)
 }
 
@@ -297,13 +385,20 @@ fn stops(c: &Common) -> Result<Vec<String>, Response> {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn request_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{:x}{:04x}", now(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{:x}{:04x}",
+        now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// What the endpoint-specific code needs to run a generation.
@@ -317,27 +412,52 @@ struct Job {
     include_usage: bool,
 }
 
-fn build_job(st: &SharedState, l: &Loaded, prompt: Vec<u32>, c: &Common, logprobs: Option<usize>) -> Result<Job, Response> {
+fn build_job(
+    st: &SharedState,
+    l: &Loaded,
+    prompt: Vec<u32>,
+    c: &Common,
+    logprobs: Option<usize>,
+) -> Result<Job, Response> {
     let n_ctx = l.sched.n_ctx;
     if prompt.is_empty() {
         return Err(bad_request("the prompt is empty"));
     }
     let n_vocab = l.model.config.n_vocab;
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
-        return Err(bad_request(&format!("token id {bad} is outside the vocabulary (0..{n_vocab})")));
+        return Err(bad_request(&format!(
+            "token id {bad} is outside the vocabulary (0..{n_vocab})"
+        )));
     }
     if prompt.len() >= n_ctx {
         return Err(bad_request(&format!("the prompt has {} tokens but a slot's context holds {n_ctx} (--ctx-size); shorten the prompt", prompt.len())));
     }
     let params = sampling(st, c, n_vocab)?;
     let room = n_ctx - prompt.len();
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens).or(st.cfg.default_max_tokens).unwrap_or(room).min(room);
+    let max_tokens = c
+        .max_completion_tokens
+        .or(c.max_tokens)
+        .or(st.cfg.default_max_tokens)
+        .unwrap_or(room)
+        .min(room);
     if let Some(n) = logprobs {
         if n > 20 {
             return Err(bad_request("top_logprobs / logprobs must be at most 20"));
         }
     }
-    Ok(Job { prompt, params, max_tokens, stop: stops(c)?, logprobs, stream: c.stream, include_usage: c.stream_options.as_ref().map(|o| o.include_usage).unwrap_or(false) })
+    Ok(Job {
+        prompt,
+        params,
+        max_tokens,
+        stop: stops(c)?,
+        logprobs,
+        stream: c.stream,
+        include_usage: c
+            .stream_options
+            .as_ref()
+            .map(|o| o.include_usage)
+            .unwrap_or(false),
+    })
 }
 
 /// Submit to the scheduler; events arrive on the returned channel. Dropping the receiver
@@ -354,9 +474,19 @@ fn submit(l: &Loaded, job: &Job) -> Result<mpsc::UnboundedReceiver<Event>, Respo
     };
     match l.sched.submit(req) {
         Ok(()) => Ok(rx),
-        Err(SubmitError::Busy) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "all slots are busy and the wait queue is full; retry later")),
-        Err(SubmitError::ShuttingDown) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "the server is shutting down")),
-        Err(SubmitError::TooLong { prompt, n_ctx }) => Err(bad_request(&format!("the prompt has {prompt} tokens but a slot's context holds {n_ctx}"))),
+        Err(SubmitError::Busy) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            "all slots are busy and the wait queue is full; retry later",
+        )),
+        Err(SubmitError::ShuttingDown) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable_error",
+            "the server is shutting down",
+        )),
+        Err(SubmitError::TooLong { prompt, n_ctx }) => Err(bad_request(&format!(
+            "the prompt has {prompt} tokens but a slot's context holds {n_ctx}"
+        ))),
     }
 }
 
@@ -398,7 +528,10 @@ fn render_chat(l: &Loaded, req: &ChatReq) -> Result<Vec<u32>, Response> {
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
             return Err(bad_request(&format!("unknown message role {:?}", m.role)));
         }
         let content = match &m.content {
@@ -408,19 +541,30 @@ fn render_chat(l: &Loaded, req: &ChatReq) -> Result<Vec<u32>, Response> {
                 let mut s = String::new();
                 for p in parts {
                     if p.kind != "text" {
-                        return Err(bad_request(&format!("content part type {:?} is not supported (text only)", p.kind)));
+                        return Err(bad_request(&format!(
+                            "content part type {:?} is not supported (text only)",
+                            p.kind
+                        )));
                     }
                     s.push_str(p.text.as_deref().unwrap_or(""));
                 }
                 s
             }
         };
-        let role = if m.role == "developer" { "system" } else { &m.role };
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            &m.role
+        };
         messages.push(Message::new(role, &content));
     }
-    let text = l.template.render(&messages, true).map_err(|e| bad_request(&e.to_string()))?;
+    let text = l
+        .template
+        .render(&messages, true)
+        .map_err(|e| bad_request(&e.to_string()))?;
     let tok = l.model.tokenizer.as_ref().expect("checked at load");
-    tok.encode(&text, true).map_err(|e| bad_request(&e.to_string()))
+    tok.encode(&text, true)
+        .map_err(|e| bad_request(&e.to_string()))
 }
 
 pub async fn chat_completions(State(st): State<SharedState>, body: Body) -> Response {
@@ -436,7 +580,11 @@ pub async fn chat_completions(State(st): State<SharedState>, body: Body) -> Resp
         Ok(p) => p,
         Err(r) => return r,
     };
-    let top = if req.logprobs { Some(req.top_logprobs.unwrap_or(0)) } else { None };
+    let top = if req.logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
     let job = match build_job(&st, l, prompt, &req.common, top) {
         Ok(j) => j,
         Err(r) => return r,
@@ -453,14 +601,26 @@ pub async fn chat_completions(State(st): State<SharedState>, body: Body) -> Resp
         let include_usage = job.include_usage;
         let (id2, model2) = (id.clone(), model.clone());
         let format = move |ev| match ev {
-            Event::Token { id: t, text, logprobs } => {
+            Event::Token {
+                id: t,
+                text,
+                logprobs,
+            } => {
                 let lp = logprobs.map(|lp| json!({"content": [chat_logprob(&tok, t, &lp)]}));
-                vec![json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
-                    "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]})]
+                vec![
+                    json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
+                    "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]}),
+                ]
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
-                let mut v = vec![json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
-                    "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish.as_str()}]})];
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let mut v = vec![
+                    json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
+                    "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish.as_str()}]}),
+                ];
                 if include_usage {
                     v.push(json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
                         "choices": [], "usage": usage(prompt_tokens, completion_tokens)}));
@@ -481,7 +641,13 @@ pub async fn chat_completions(State(st): State<SharedState>, body: Body) -> Resp
     .into_response()
 }
 
-type Collected = (String, FinishReason, usize, usize, Vec<(u32, TokenLogprobs)>);
+type Collected = (
+    String,
+    FinishReason,
+    usize,
+    usize,
+    Vec<(u32, TokenLogprobs)>,
+);
 
 /// Wait for the whole generation.
 async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Response> {
@@ -489,29 +655,48 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Re
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Token { id, text: t, logprobs } => {
+            Event::Token {
+                id,
+                text: t,
+                logprobs,
+            } => {
                 text.push_str(&t);
                 if let Some(lp) = logprobs {
                     lps.push((id, lp));
                 }
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => return Ok((text, finish, prompt_tokens, completion_tokens, lps)),
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => return Ok((text, finish, prompt_tokens, completion_tokens, lps)),
         }
     }
-    Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "the generation was cancelled (server shutting down)"))
+    Err(error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable_error",
+        "the generation was cancelled (server shutting down)",
+    ))
 }
 
 /// Server-sent events: the first chunk, then the chunks `format` makes of each engine event,
 /// then `data: [DONE]`. A forwarding task owns the engine's receiver: when the client goes
 /// away its send fails, it returns, the receiver drops and the scheduler cancels the request.
-fn sse(head: Value, mut rx: mpsc::UnboundedReceiver<Event>, mut format: impl FnMut(Event) -> Vec<Value> + Send + 'static) -> Response {
+fn sse(
+    head: Value,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut format: impl FnMut(Event) -> Vec<Value> + Send + 'static,
+) -> Response {
     let (tx, out) = mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     let _ = tx.send(Ok(SseEvent::default().data(head.to_string())));
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             let done = matches!(ev, Event::Done { .. });
             for chunk in format(ev) {
-                if tx.send(Ok(SseEvent::default().data(chunk.to_string()))).is_err() {
+                if tx
+                    .send(Ok(SseEvent::default().data(chunk.to_string())))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -521,7 +706,9 @@ fn sse(head: Value, mut rx: mpsc::UnboundedReceiver<Event>, mut format: impl FnM
             }
         }
     });
-    Sse::new(UnboundedReceiverStream::new(out)).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(UnboundedReceiverStream::new(out))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 pub async fn completions(State(st): State<SharedState>, body: Body) -> Response {
@@ -550,14 +737,22 @@ pub async fn completions(State(st): State<SharedState>, body: Body) -> Response 
         Ok(j) => j,
         Err(r) => return r,
     };
-    let echo = if req.echo { prompt_text.unwrap_or_else(|| tok.decode(&job.prompt)) } else { String::new() };
+    let echo = if req.echo {
+        prompt_text.unwrap_or_else(|| tok.decode(&job.prompt))
+    } else {
+        String::new()
+    };
     let rx = match submit(l, &job) {
         Ok(rx) => rx,
         Err(r) => return r,
     };
     let (id, created, model) = (request_id("cmpl"), now(), st.cfg.model_name.clone());
     let legacy_lp = |tok: &Tokenizer, t: u32, lp: &TokenLogprobs| {
-        let top: serde_json::Map<String, Value> = lp.top.iter().map(|&(i, l)| (piece(tok, i).0, json!(finite(l)))).collect();
+        let top: serde_json::Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(i, l)| (piece(tok, i).0, json!(finite(l))))
+            .collect();
         (piece(tok, t).0, finite(lp.chosen), Value::Object(top))
     };
     if job.stream {
@@ -566,17 +761,29 @@ pub async fn completions(State(st): State<SharedState>, body: Body) -> Response 
         let include_usage = job.include_usage;
         let (id2, model2) = (id.clone(), model.clone());
         let format = move |ev| match ev {
-            Event::Token { id: t, text, logprobs } => {
+            Event::Token {
+                id: t,
+                text,
+                logprobs,
+            } => {
                 let lp = logprobs.map(|lp| {
                     let (s, l, top) = legacy_lp(&tok, t, &lp);
                     json!({"tokens": [s], "token_logprobs": [l], "top_logprobs": [top]})
                 });
-                vec![json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
-                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": null}]})]
+                vec![
+                    json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
+                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": null}]}),
+                ]
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
-                let mut v = vec![json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
-                    "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish.as_str()}]})];
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let mut v = vec![
+                    json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
+                    "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish.as_str()}]}),
+                ];
                 if include_usage {
                     v.push(json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
                         "choices": [], "usage": usage(prompt_tokens, completion_tokens)}));
@@ -591,7 +798,8 @@ pub async fn completions(State(st): State<SharedState>, body: Body) -> Response 
         Err(r) => return r,
     };
     let logprobs = req.logprobs.map(|_| {
-        let (mut toks, mut lpv, mut tops, mut offs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut toks, mut lpv, mut tops, mut offs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut off = echo.len();
         for (t, lp) in &lps {
             let (s, l, top) = legacy_lp(&tok, *t, lp);

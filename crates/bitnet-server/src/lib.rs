@@ -57,8 +57,15 @@ pub type SharedState = Arc<AppState>;
 
 impl AppState {
     pub fn new(cfg: ServerConfig) -> SharedState {
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Arc::new(AppState { cfg, loaded: OnceLock::new(), created })
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Arc::new(AppState {
+            cfg,
+            loaded: OnceLock::new(),
+            created,
+        })
     }
 
     /// Load the model and start the scheduler (blocking; run it off the async runtime).
@@ -68,10 +75,24 @@ impl AppState {
             for w in &model.warnings {
                 eprintln!("warning: {w}");
             }
-            let tok = model.tokenizer.clone().ok_or_else(|| format!("{}: the model has no tokenizer", self.cfg.model_path.display()))?;
+            let tok = model.tokenizer.clone().ok_or_else(|| {
+                format!(
+                    "{}: the model has no tokenizer",
+                    self.cfg.model_path.display()
+                )
+            })?;
             let template = ChatTemplate::for_tokenizer(&tok).map_err(|e| e.to_string())?;
-            let sched = Scheduler::start(model.clone(), self.cfg.n_parallel, self.cfg.n_ctx, self.cfg.max_queue);
-            Ok(Loaded { model, sched, template })
+            let sched = Scheduler::start(
+                model.clone(),
+                self.cfg.n_parallel,
+                self.cfg.n_ctx,
+                self.cfg.max_queue,
+            );
+            Ok(Loaded {
+                model,
+                sched,
+                template,
+            })
         })();
         let out = r.as_ref().map(|_| ()).map_err(|e| e.clone());
         let _ = self.loaded.set(r);
@@ -81,8 +102,16 @@ impl AppState {
     pub(crate) fn ready(&self) -> Result<&Loaded, Response> {
         match self.loaded.get() {
             Some(Ok(l)) => Ok(l),
-            Some(Err(e)) => Err(api::error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", &format!("the model failed to load: {e}"))),
-            None => Err(api::error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "the model is still loading")),
+            Some(Err(e)) => Err(api::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                &format!("the model failed to load: {e}"),
+            )),
+            None => Err(api::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "the model is still loading",
+            )),
         }
     }
 
@@ -113,9 +142,17 @@ pub fn router(state: SharedState) -> Router {
 async fn auth(State(st): State<SharedState>, req: Request<Body>, next: Next) -> Response {
     if let Some(key) = &st.cfg.api_key {
         if req.uri().path() != "/health" {
-            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
             if given != Some(key.as_str()) {
-                return api::error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid or missing API key (send Authorization: Bearer KEY)");
+                return api::error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "invalid or missing API key (send Authorization: Bearer KEY)",
+                );
             }
         }
     }
@@ -124,7 +161,11 @@ async fn auth(State(st): State<SharedState>, req: Request<Body>, next: Next) -> 
 
 /// Serve on `listener` until `shutdown` resolves; then stop accepting, give in-flight requests
 /// `shutdown_grace` to finish, stop the scheduler and return.
-pub async fn serve(state: SharedState, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    state: SharedState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let loader = state.clone();
     tokio::task::spawn_blocking(move || {
         if let Err(e) = loader.load() {
