@@ -14,7 +14,9 @@
 //!   (the scalar reference for 1 token only: it does not batch);
 //! - `head_f16`: the F16 output head's dot products (8192 rows of 2560, 42 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
-//! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`).
+//! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
+//! - `mem_read`: summing a 256 MB buffer on the kernels' worker pool: the machine's read
+//!   bandwidth with this many threads, the bound for batch-1 decoding.
 
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
@@ -224,4 +226,28 @@ fn head_q8(bencher: Bencher, c: &Case) {
     bencher
         .counter(BytesCount::new(m.bytes()))
         .bench_local(|| m.matmul(c.isa, black_box(&x), 1, &mut out));
+}
+
+/// Read bandwidth: sum a 256 MB buffer of u64 split over the worker pool (as the kernels
+/// split their rows).
+#[divan::bench(max_time = 2)]
+fn mem_read(bencher: Bencher) {
+    const N: usize = 32 << 20;
+    let data: Vec<u64> = (0..N as u64).collect();
+    let sums: Vec<std::sync::atomic::AtomicU64> = (0..64)
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    bencher.counter(BytesCount::new(8 * N)).bench_local(|| {
+        bitnet_kernels::pool::for_ranges(N, 4096, 1 << 16, |r| {
+            let mut acc = [0u64; 8];
+            for c in data[r.clone()].chunks_exact(8) {
+                for i in 0..8 {
+                    acc[i] = acc[i].wrapping_add(c[i]);
+                }
+            }
+            let s = acc.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+            sums[(r.start / 4096) % 64].fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        black_box(&sums);
+    });
 }
