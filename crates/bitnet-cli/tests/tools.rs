@@ -227,7 +227,8 @@ fn synth_other_families_load_with_their_settings() {
         assert!(l.iter().all(|x| x.is_finite()));
     }
 
-    // 1bitLLM bitnet_b1_58 shape: `bitnet` architecture with sub-norms and SiLU, untied head.
+    // 1bitLLM bitnet_b1_58 shape: `bitnet` architecture with sub-norms and SiLU, tied head
+    // (llama.cpp's `bitnet` graph has no output tensor).
     // A hidden size of 320 does not fit 256-blocks: every ternary slot but ffn_down (512 wide)
     // falls back to F16 in TQ2_0.
     let path = synth(
@@ -255,6 +256,7 @@ fn synth_other_families_load_with_their_settings() {
     let g = GgufFile::open(&path).unwrap();
     assert_eq!(g.get_str("general.architecture").unwrap(), Some("bitnet"));
     assert_eq!(g.get_str("bitnet.hidden_activation").unwrap(), Some("silu"));
+    assert!(g.tensor("output.weight").is_none());
     assert_eq!(
         g.tensor("blk.1.attn_q.weight").unwrap().dtype,
         GgmlType::F16
@@ -266,7 +268,7 @@ fn synth_other_families_load_with_their_settings() {
     drop(g);
     let m = Model::load(&path).unwrap();
     assert_eq!(m.config.activation, Activation::Silu);
-    assert!(m.config.sub_norms && !m.config.tied_head);
+    assert!(m.config.sub_norms && m.config.tied_head);
     assert_eq!((m.config.head_dim, m.config.n_vocab), (80, 700));
     assert!(m.warnings.is_empty(), "{:?}", m.warnings);
 

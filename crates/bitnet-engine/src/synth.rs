@@ -122,9 +122,11 @@ pub enum Family {
     /// BitNet b1.58 2B4T: relu², sub-norms, head tied to the embedding. Architecture
     /// `bitnet-b1.58` for I2_S (bitnet.cpp), `bitnet` for TQ1_0/TQ2_0 (llama.cpp).
     BitNet,
-    /// 1bitLLM bitnet_b1_58: SiLU with sub-norms, untied head; architecture `bitnet` with
+    /// 1bitLLM bitnet_b1_58: SiLU with sub-norms; architecture `bitnet` with
     /// `bitnet.hidden_activation = "silu"` (our tokenizer is byte-level BPE, so the
-    /// SentencePiece rule of REFERENCE.md section 2 would not pick SiLU by itself).
+    /// SentencePiece rule of REFERENCE.md section 2 would not pick SiLU by itself). The head is
+    /// tied: llama.cpp's `bitnet` graph has no `output` tensor (it multiplies by `token_embd`)
+    /// and refuses a file with an extra one.
     BitNetSilu,
     /// Llama-architecture ternary models (Falcon3 1.58-bit, Llama3-8B-1.58): SiLU, no
     /// sub-norms, untied F16 `output.weight`; architecture `llama`.
@@ -223,7 +225,7 @@ impl Shape {
     }
 
     pub fn tied_head(&self) -> bool {
-        self.family == Family::BitNet
+        self.family != Family::Llama
     }
 
     /// Total number of weights (every tensor's elements).

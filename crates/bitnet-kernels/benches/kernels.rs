@@ -11,8 +11,9 @@
 //! - `quantize`: per-token int8 activation quantization of 2560 and 6912 values;
 //! - `ternary_gemm`: int8 x ternary products on the three 2B4T matrix shapes (rows x cols:
 //!   2560x2560 q/o, 6912x2560 gate/up, 2560x6912 down) for 1 token (GEMV), 8 and 64 tokens
-//!   (the scalar reference for 1 token only: it does not batch);
-//! - `head_f16`: the F16 output head's dot products (8192 rows of 2560, 42 MB: streamed from
+//!   (the scalar reference for 1 token only: it does not batch); the benchmark cycles through
+//!   128 MB of copies of the matrix, so the weights stream from memory as in decoding;
+//! - `head_f16`: the F16 output head's dot products (16384 rows of 2560, 84 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
 //! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
 //! - `mem_read`: summing a 256 MB buffer on the kernels' worker pool: the machine's read
@@ -136,14 +137,20 @@ fn ternary_gemm(bencher: Bencher, c: &Case) {
     let mut rng = Lcg(2);
     let kp = padded_len(c.cols);
     let mut codes = vec![0u8; c.cols];
-    let mut data = vec![0u8; c.rows * kp / 4];
-    for row in data.chunks_mut(kp / 4) {
+    let one = c.rows * kp / 4;
+    // Enough copies of the matrix to overflow the last-level cache, used in turn, so the
+    // weights stream from memory as they do when decoding.
+    let copies = STREAM_BYTES.div_ceil(one);
+    let mut data = vec![0u8; one * copies];
+    for row in data[..one].chunks_mut(kp / 4) {
         for x in codes.iter_mut() {
             *x = (rng.next() % 3) as u8;
         }
         ternary::pack_row(&codes, row);
     }
-    let w = TernaryView::new(&data, c.rows, kp);
+    for i in 1..copies {
+        data.copy_within(..one, i * one);
+    }
     let mut q = vec![0i8; c.n_tok * kp];
     let mut qsum = vec![0i32; c.n_tok];
     for t in 0..c.n_tok {
@@ -153,14 +160,20 @@ fn ternary_gemm(bencher: Bencher, c: &Case) {
         qsum[t] = q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum();
     }
     let mut out = vec![0i32; c.n_tok * c.rows];
-    bencher
-        .counter(BytesCount::new(data.len()))
-        .bench_local(|| ternary::gemm(c.isa, w, black_box(&q), &qsum, c.n_tok, &mut out));
+    let mut next = 0;
+    bencher.counter(BytesCount::new(one)).bench_local(|| {
+        let w = TernaryView::new(&data[next * one..(next + 1) * one], c.rows, kp);
+        next = (next + 1) % copies;
+        ternary::gemm(c.isa, w, black_box(&q), &qsum, c.n_tok, &mut out)
+    });
 }
 
-/// Rows of the benchmark head: enough to stream from memory (42 MB of F16), as the real head
-/// (128256 rows, 657 MB) does.
-const HEAD_ROWS: usize = 8192;
+/// Weight bytes cycled through by the GEMM benchmark: more than any last-level cache here.
+const STREAM_BYTES: usize = 128 << 20;
+
+/// Rows of the benchmark head: enough to stream from memory (84 MB of F16, 47 MB as Q8_0), as
+/// the real head (128256 rows, 657 MB) does.
+const HEAD_ROWS: usize = 16384;
 const HEAD_COLS: usize = 2560;
 
 fn head_data() -> (Vec<u8>, Vec<f32>) {
