@@ -229,10 +229,27 @@ impl Config {
 
     /// From a Hugging Face `config.json`.
     pub fn from_hf(d: &HfDir) -> Result<Config> {
-        let model_type = d.config_str("model_type")?.unwrap_or("").to_string();
+        let mut model_type = d.config_str("model_type")?.unwrap_or("").to_string();
         let (sub_norms, default_act) = match model_type.as_str() {
             "bitnet" => (true, Activation::Relu2),
-            "llama" => (false, Activation::Silu),
+            "llama" => {
+                // 1bitLLM's bitnet_b1_58 models say `llama` (architecture BitnetForCausalLM,
+                // custom code) but carry sub-norms under their older names; they are the
+                // BitNet graph with SiLU, so they run (and convert) as such.
+                let legacy = hf_sub_norm_names(d) == HF_SUB_NORMS_1BITLLM;
+                let declared = hf_declares_1bitllm_arch(d);
+                if legacy != declared {
+                    bail!(
+                        "config.json: {}, but the layers {} 1bitLLM sub-norms (inner_attn_ln, ffn_layernorm)",
+                        if declared { "architectures names BitnetForCausalLM" } else { "a plain llama model" },
+                        if legacy { "have" } else { "lack" },
+                    );
+                }
+                if legacy {
+                    model_type = "bitnet".to_string();
+                }
+                (legacy, Activation::Silu)
+            }
             other => {
                 bail!("model_type {other:?} is not supported (expected \"bitnet\" or \"llama\")")
             }
@@ -309,4 +326,31 @@ impl Config {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// Sub-norm tensor names (attention, FFN) under `model.layers.N.`: transformers' BitNet
+/// (2B4T) names, and 1bitLLM's bitnet_b1_58 names (which llama.cpp's tensor map also knows).
+pub const HF_SUB_NORMS: (&str, &str) =
+    ("self_attn.attn_sub_norm.weight", "mlp.ffn_sub_norm.weight");
+pub const HF_SUB_NORMS_1BITLLM: (&str, &str) =
+    ("self_attn.inner_attn_ln.weight", "mlp.ffn_layernorm.weight");
+
+/// The sub-norm names this directory uses: transformers' unless layer 0 has 1bitLLM's.
+pub fn hf_sub_norm_names(d: &HfDir) -> (&'static str, &'static str) {
+    if d.tensor(&format!("model.layers.0.{}", HF_SUB_NORMS_1BITLLM.0))
+        .is_some()
+    {
+        HF_SUB_NORMS_1BITLLM
+    } else {
+        HF_SUB_NORMS
+    }
+}
+
+/// `architectures` names 1bitLLM's `BitnetForCausalLM` (lower-case "n"; transformers' own
+/// 2B4T class is `BitNetForCausalLM`, with `model_type: bitnet`).
+fn hf_declares_1bitllm_arch(d: &HfDir) -> bool {
+    d.config
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("BitnetForCausalLM")))
 }

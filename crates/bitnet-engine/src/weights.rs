@@ -692,6 +692,7 @@ fn hf_matrix(d: &HfDir, name: &str, rows: usize, cols: usize) -> Result<FloatMat
 pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Result<Weights> {
     let dir = hf_scale_direction(d)?;
     let (e, f, q, kv) = (c.n_embd, c.n_ff, c.q_dim(), c.kv_dim());
+    let sub_names = crate::config::hf_sub_norm_names(d);
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
         let p = |s: &str| format!("model.layers.{i}.{s}");
@@ -720,12 +721,12 @@ pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Res
             wk,
             wv,
             wo,
-            attn_sub_norm: sub("self_attn.attn_sub_norm.weight", q)?,
+            attn_sub_norm: sub(sub_names.0, q)?,
             ffn_norm: hf_floats(d, &p("post_attention_layernorm.weight"), e)?,
             w_gate,
             w_up,
             w_down,
-            ffn_sub_norm: sub("mlp.ffn_sub_norm.weight", f)?,
+            ffn_sub_norm: sub(sub_names.1, f)?,
         });
     }
     Ok(Weights {
