@@ -312,6 +312,8 @@ impl<'m> Chat<'m> {
     }
 
     /// One user turn: `on_text` receives the answer as it streams and returns false to stop it.
+    /// It is called once per generated token with the text that token releases, which may be
+    /// empty (so a caller's stop request is honoured promptly).
     pub fn turn(
         &mut self,
         user: &str,
@@ -355,7 +357,10 @@ impl<'m> Chat<'m> {
             |id| {
                 let (text, stop) = stops.push(&dec.push(&tok, id));
                 found_stop = stop;
-                let keep_going = text.is_empty() || on_text(&text);
+                // Called for every token, also one that shows no text yet (half a UTF-8
+                // character, a special token, text held back for a stop string), so that a
+                // request to stop (Ctrl-C) is seen at the next token whatever the model emits.
+                let keep_going = on_text(&text);
                 keep_going && !stop
             },
         )?;
