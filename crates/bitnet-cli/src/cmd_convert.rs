@@ -20,15 +20,18 @@
 //!   chat template are carried over; bitnet.cpp's placeholder template (trap 9) never is: a
 //!   BitNet model gets the 2B4T template instead.
 //!
-//! Memory: the model is loaded with its ternary weights packed (2 bits per weight) and the rest
-//! memory-mapped; the output is streamed to disk one tensor at a time.
+//! Memory: the input is memory-mapped and loaded lazily ([`Model::load_lazy`]): its ternary
+//! matrices are decoded one at a time while the output is streamed to disk, and the map pages of
+//! each tensor are given back once it is written, so beyond the map a conversion holds about one
+//! tensor (its codes, one byte per weight, and its encoding; for master weights also its f32
+//! values) plus small per-thread buffers.
 
 use crate::args::{init_threads, print_warnings, resolve_model};
 use anyhow::{anyhow, bail, Context, Result};
 use bitnet_engine::chat::{is_placeholder_template, BITNET_TEMPLATE};
 use bitnet_engine::config::{Activation, RopeStyle};
 use bitnet_engine::tokenizer::Tokenizer;
-use bitnet_engine::weights::{BitLinear, FloatMatrix};
+use bitnet_engine::weights::{BitLinear, Bytes, FloatMatrix};
 use bitnet_engine::Model;
 use bitnet_formats::codecs;
 use bitnet_formats::gguf::{is_gguf, GgufStreamWriter};
@@ -38,6 +41,7 @@ use bitnet_kernels::ternary;
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use std::io::{BufWriter, IsTerminal};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,11 +91,11 @@ pub struct ConvertArgs {
 
 /// Where a tensor's bytes come from.
 enum Data<'a> {
-    /// A BitLinear slot: codes from the loaded model, in output row order (`heads`: permute the
-    /// rows of a q/k matrix with this many heads for llama's adjacent-pair RoPE).
+    /// A BitLinear slot of the (lazily) loaded model, decoded when it is written, in output row
+    /// order (`heads`: permute the rows of a q/k matrix with this many heads for llama's
+    /// adjacent-pair RoPE).
     Linear {
         lin: &'a BitLinear,
-        scale: f32,
         heads: Option<usize>,
     },
     Matrix(&'a FloatMatrix),
@@ -140,7 +144,7 @@ fn encode_linear(
     ty: GgmlType,
     scale: f32,
     heads: Option<usize>,
-    master: Option<&[f32]>,
+    master: Option<&Master>,
 ) -> Result<Vec<u8>> {
     let codes = linear_codes(lin, heads);
     let cols = lin.cols;
@@ -161,9 +165,9 @@ fn encode_linear(
             let mut vals = vec![0f32; cols];
             for (r, row) in codes.chunks_exact(cols).enumerate() {
                 let src = heads.map_or(r, |h| permuted_source_row(r, h, lin.rows));
-                let signs = master.map(|m| &m[src * cols..(src + 1) * cols]);
                 for (i, (v, &c)) in vals.iter_mut().zip(row).enumerate() {
-                    *v = if c == 1 && signs.is_some_and(|w| w[i].is_sign_negative()) {
+                    let negative = |m: &Master| m.value(src * cols + i).is_sign_negative();
+                    *v = if c == 1 && master.is_some_and(negative) {
                         -0.0
                     } else {
                         (c as f32 - 1.0) * scale
@@ -177,26 +181,35 @@ fn encode_linear(
     Ok(out)
 }
 
-/// Write a float matrix (embedding or head) as `ty`, row by row.
+/// Write a float matrix (embedding or head) as `ty`, row by row, giving the map pages of the
+/// rows written back to the kernel as it goes.
 fn write_matrix<W: std::io::Write>(
     w: &mut GgufStreamWriter<W>,
     m: &FloatMatrix,
     ty: GgmlType,
 ) -> Result<()> {
+    let row_bytes = m.data.len() / m.rows.max(1);
     if m.dtype == ty {
-        w.write_data(&m.data)?;
+        const CHUNK_BYTES: usize = 16 << 20;
+        for start in (0..m.data.len()).step_by(CHUNK_BYTES) {
+            let end = (start + CHUNK_BYTES).min(m.data.len());
+            w.write_data(&m.data[start..end])?;
+            m.data.release_pages(start..end);
+        }
         return Ok(w.end_tensor()?);
     }
     const CHUNK: usize = 256;
     let mut buf = Vec::new();
     let mut row = vec![0f32; m.cols];
     for start in (0..m.rows).step_by(CHUNK) {
+        let end = (start + CHUNK).min(m.rows);
         buf.clear();
-        for r in start..(start + CHUNK).min(m.rows) {
+        for r in start..end {
             m.row(r, &mut row);
             codecs::quantize_row(ty, &row, &mut buf)?;
         }
         w.write_data(&buf)?;
+        m.data.release_pages(start * row_bytes..end * row_bytes);
     }
     Ok(w.end_tensor()?)
 }
@@ -286,23 +299,54 @@ fn torch_sum_abs(x: &[f32]) -> f32 {
     sum
 }
 
-/// The scale of a master-weight (float) tensor of a Hugging Face checkpoint as the reference
-/// converters compute it: `s = 1 / max(mean|W|, 1e-5)`, weights `round(W * s) / s`, so the
-/// stored scale is `1 / s` (all in f32, the mean in torch's summation order). None for packed
-/// tensors.
-fn master_scale(hf: &HfDir, name: &str) -> Result<Option<f32>> {
-    let Some(t) = hf.tensor(name) else {
-        return Ok(None);
-    };
-    if !matches!(
-        t.dtype,
-        safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
-    ) {
-        return Ok(None);
+/// A master-weight (float) tensor of a Hugging Face checkpoint, read in place from the
+/// checkpoint's memory map.
+struct Master {
+    data: Bytes,
+    dtype: safetensors::Dtype,
+    len: usize,
+}
+
+impl Master {
+    /// The tensor `name` when it holds floats; None for packed tensors.
+    fn get(hf: &HfDir, name: &str) -> Option<Master> {
+        let t = hf.tensor(name)?;
+        if !matches!(
+            t.dtype,
+            safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
+        ) {
+            return None;
+        }
+        let (map, range) = hf.tensor_map(t);
+        Some(Master {
+            data: Bytes::Mapped(map, range),
+            dtype: t.dtype,
+            len: t.n_elements(),
+        })
     }
-    let vals = hf.read_f32(t)?;
-    let mean = (torch_parallel_sum_abs(&vals) / vals.len().max(1) as f32).max(1e-5);
-    Ok(Some(1.0 / (1.0 / mean)))
+
+    /// Element `i` as f32 (as `HfDir::read_f32` converts it).
+    fn value(&self, i: usize) -> f32 {
+        match self.dtype {
+            safetensors::Dtype::BF16 => codecs::bf16_at(&self.data, i),
+            safetensors::Dtype::F16 => codecs::f16_at(&self.data, i),
+            _ => codecs::f32_at(&self.data, i),
+        }
+    }
+
+    /// The scale as the reference converters compute it: `s = 1 / max(mean|W|, 1e-5)`, weights
+    /// `round(W * s) / s`, so the stored scale is `1 / s` (all in f32, the mean in torch's
+    /// summation order). Converts one of torch's chunks to f32 at a time.
+    fn scale(&self) -> f32 {
+        let sum = torch_parallel_sum_abs(self.len, |r| r.map(|i| self.value(i)).collect());
+        let mean = (sum / self.len.max(1) as f32).max(1e-5);
+        1.0 / (1.0 / mean)
+    }
+
+    /// Give the tensor's map pages back to the kernel.
+    fn release_pages(&self) {
+        self.data.release_pages(0..self.data.len());
+    }
 }
 
 /// Intra-op threads of the torch run that made the reference files (`tests/data/tiny/gguf`,
@@ -312,16 +356,19 @@ fn master_scale(hf: &HfDir, name: &str) -> Result<Option<f32>> {
 /// converter reproduce those files bit for bit.
 const TORCH_THREADS: usize = 2;
 
-/// [`torch_sum_abs`] as torch's `parallel_reduce` runs it: `min(threads, ceil(n / 32768))`
-/// contiguous chunks of `ceil(n / chunks)` elements, summed separately, then added in order.
-fn torch_parallel_sum_abs(x: &[f32]) -> f32 {
+/// [`torch_sum_abs`] of `n` values as torch's `parallel_reduce` runs it: `min(threads, ceil(n /
+/// 32768))` contiguous chunks of `ceil(n / chunks)` elements, summed separately, then added in
+/// order. `read` gives the values of one chunk (so only one chunk is in memory at a time).
+fn torch_parallel_sum_abs(n: usize, read: impl Fn(Range<usize>) -> Vec<f32>) -> f32 {
     const GRAIN: usize = 32768;
-    let tasks = TORCH_THREADS.min(x.len().div_ceil(GRAIN));
-    if x.len() < GRAIN || tasks <= 1 {
-        return torch_sum_abs(x);
+    let tasks = TORCH_THREADS.min(n.div_ceil(GRAIN));
+    if n < GRAIN || tasks <= 1 {
+        return torch_sum_abs(&read(0..n));
     }
-    let chunk = x.len().div_ceil(tasks);
-    x.chunks(chunk).fold(0f32, |acc, c| acc + torch_sum_abs(c))
+    let chunk = n.div_ceil(tasks);
+    (0..n).step_by(chunk).fold(0f32, |acc, s| {
+        acc + torch_sum_abs(&read(s..(s + chunk).min(n)))
+    })
 }
 
 fn meta_str(k: &str, v: &str) -> (String, MetaValue) {
@@ -506,6 +553,11 @@ fn tokenizer_from_json(
     Ok(out)
 }
 
+/// The input, loaded lazily: its ternary matrices are decoded one at a time as they are written.
+fn load_input(input: &Path) -> Result<Model> {
+    Ok(Model::load_lazy(input)?)
+}
+
 pub fn run(a: ConvertArgs) -> Result<()> {
     init_threads(a.threads)?;
     let input = resolve_model(&a.input)?;
@@ -517,7 +569,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let model = Model::load(&input)?;
+    let model = load_input(&input)?;
     print_warnings(&model.warnings);
     let (hf, gguf) = if is_hf_dir(&input) {
         (Some(HfDir::open(&input)?), None)
@@ -649,21 +701,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 }
                 t => t,
             };
-            let scale = match &hf {
-                Some(d) => master_scale(d, &lin.name)?.unwrap_or(lin.beta),
-                None => lin.beta,
-            };
-            if !scale.is_finite() {
-                bail!(
-                    "tensor {:?}: scale {scale} is not a finite number",
-                    lin.name
-                );
-            }
             plan.push(Planned {
                 name,
                 dims: vec![cols as u64, rows as u64],
                 ty,
-                data: Data::Linear { lin, scale, heads },
+                data: Data::Linear { lin, heads },
             });
         }
         if let Some(v) = &l.attn_sub_norm {
@@ -798,6 +840,10 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
     }
 
+    // The input's parsed metadata (its tokenizer, tens of MB for a 128k vocabulary) is in `meta`
+    // now: no need to keep a second copy while writing.
+    drop(gguf);
+
     // ---- write, to a temporary file renamed at the end
     let out_dir = a
         .output
@@ -812,7 +858,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             .unwrap_or_else(|| "out.gguf".into()),
         std::process::id()
     ));
-    let result = write_file(&tmp, &meta, &plan, hf.as_ref());
+    let result = write_file(&tmp, &meta, &plan, hf.as_ref(), &input);
+    drop(meta);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         let disk_full = e
@@ -893,6 +940,7 @@ fn write_file(
     meta: &[(String, MetaValue)],
     plan: &[Planned],
     hf: Option<&HfDir>,
+    input: &Path,
 ) -> Result<()> {
     let file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
     let table: Vec<(String, Vec<u64>, GgmlType)> = plan
@@ -914,18 +962,44 @@ fn write_file(
     for t in plan {
         pb.set_message(t.name.clone());
         match &t.data {
-            Data::Linear { lin, scale, heads } => {
-                let master = match (hf, t.ty) {
-                    (Some(d), GgmlType::F16) => d
-                        .tensor(&lin.name)
-                        .filter(|x| x.dtype != safetensors::Dtype::U8)
-                        .map(|x| d.read_f32(x))
-                        .transpose()?,
-                    _ => None,
+            Data::Linear { lin: held, heads } => {
+                let held: &BitLinear = held;
+                // Master weights: the scale (and the signs of an F16 fallback's zeros) come from
+                // the float values, read from the map.
+                let master = hf.and_then(|d| Master::get(d, &held.name));
+                let master_scale = master.as_ref().map(Master::scale);
+                // One matrix decoded at a time (the lazy load holds no codes).
+                let mut warnings = Vec::new();
+                let decoded;
+                let lin = match &held.source {
+                    Some(src) => {
+                        decoded = src
+                            .decode(&mut warnings)
+                            .map_err(|e| anyhow!("{}: {e}", input.display()))?;
+                        &decoded
+                    }
+                    None => held,
                 };
-                let bytes = encode_linear(lin, t.ty, *scale, *heads, master.as_deref())
+                if !warnings.is_empty() {
+                    pb.suspend(|| print_warnings(&warnings));
+                }
+                let scale = master_scale.unwrap_or(lin.beta);
+                if !scale.is_finite() {
+                    bail!(
+                        "tensor {:?}: scale {scale} is not a finite number",
+                        lin.name
+                    );
+                }
+                let bytes = encode_linear(lin, t.ty, scale, *heads, master.as_ref())
                     .with_context(|| format!("tensor {}", t.name))?;
                 w.write_tensor(&bytes)?;
+                // Done with this tensor: its codes are dropped here, its map pages given back.
+                if let Some(src) = &held.source {
+                    src.release_pages();
+                }
+                if let Some(m) = &master {
+                    m.release_pages();
+                }
             }
             Data::Matrix(m) => write_matrix(&mut w, m, t.ty)?,
             Data::Vector(v) => {
@@ -953,6 +1027,27 @@ mod tests {
         // Two heads of dim 4: GGUF row h*4 + 2j + s = HF row h*4 + s*2 + j.
         let got: Vec<usize> = (0..8).map(|r| permuted_source_row(r, 2, 8)).collect();
         assert_eq!(got, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    /// Converting holds the input's ternary matrices as sources only (each is decoded while it
+    /// is written, then dropped), never all of them decoded at once.
+    #[test]
+    fn the_input_is_loaded_without_its_ternary_codes() {
+        let data = |rel: &str| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/data")
+                .join(rel)
+        };
+        for rel in [
+            "tiny/checkpoint_master_bf16",
+            "tiny/checkpoint_packed",
+            "tiny/gguf/tiny-tq2_0.gguf",
+            "falcon-tiny/checkpoint_packed",
+        ] {
+            let m = load_input(&data(rel)).unwrap();
+            assert_eq!(m.weights.ternary_bytes_held(), 0, "{rel}");
+            assert!(m.weights.linears().all(BitLinear::is_lazy), "{rel}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
-use bitnet_kernels::float::{dot_f32, rms_norm, softmax};
+use bitnet_kernels::float::{attn_scores, attn_values, rms_norm, softmax};
 use bitnet_kernels::quant::quantize_row;
 use bitnet_kernels::ternary::{self, padded_len};
 use bitnet_kernels::{pool, Isa, SyncPtr};
@@ -71,7 +71,21 @@ impl Model {
 
     /// [`Model::load`] with options (output head type).
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
-        Self::load_inner(path, opts).map_err(|e| {
+        Self::load_checked(path, opts, false)
+    }
+
+    /// Load for conversion: everything as [`Model::load`] does (config, tokenizer, embedding,
+    /// head and norms; the shapes, types and scale tensors of the ternary matrices are checked)
+    /// except that the ternary matrices are not read: each [`BitLinear`] keeps only its
+    /// [`weights::LinearSource`] (see [`BitLinear::is_lazy`]), to be decoded one at a time with
+    /// [`weights::LinearSource::decode`], so that beyond the memory map the model takes almost
+    /// no memory. Such a model cannot run: its ternary matrices hold no codes.
+    pub fn load_lazy(path: &Path) -> Result<Model> {
+        Self::load_checked(path, &LoadOptions::default(), true)
+    }
+
+    fn load_checked(path: &Path, opts: &LoadOptions, lazy: bool) -> Result<Model> {
+        Self::load_inner(path, opts, lazy).map_err(|e| {
             if e.message.starts_with(&path.display().to_string()) {
                 e
             } else {
@@ -80,12 +94,12 @@ impl Model {
         })
     }
 
-    fn load_inner(path: &Path, opts: &LoadOptions) -> Result<Model> {
+    fn load_inner(path: &Path, opts: &LoadOptions, lazy: bool) -> Result<Model> {
         let mut warnings = Vec::new();
         let (format, config, weights, tokenizer) = if is_hf_dir(path) {
             let d = HfDir::open(path)?;
             let config = Config::from_hf(&d)?;
-            let weights = weights::load_hf_weights(&d, &config, &mut warnings)?;
+            let weights = weights::load_hf_weights(&d, &config, lazy, &mut warnings)?;
             (
                 ModelFormat::HuggingFace,
                 config,
@@ -95,7 +109,7 @@ impl Model {
         } else if path.is_file() && gguf::is_gguf(path) {
             let g = GgufFile::open(path)?;
             let config = Config::from_gguf(&g)?;
-            let weights = weights::load_gguf_weights(&g, &config, &mut warnings)?;
+            let weights = weights::load_gguf_weights(&g, &config, lazy, &mut warnings)?;
             let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() {
                 Some(Tokenizer::from_gguf(&g)?)
             } else {
@@ -221,6 +235,9 @@ impl Model {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
+        if self.weights.layers.first().is_some_and(|l| l.wq.is_lazy()) {
+            bail!("this model was loaded for conversion only (Model::load_lazy) and cannot run");
+        }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
             bail!("token id {bad} is outside the vocabulary (0..{v})");
         }
@@ -329,7 +346,15 @@ impl Model {
                     (&s.k_cache[r.clone()], &s.v_cache[r])
                 })
                 .collect();
-            attention(c, &sc.q, &caches, &sc.tok_seq, &sc.tok_pos, &mut sc.att);
+            attention(
+                c,
+                self.isa,
+                &sc.q,
+                &caches,
+                &sc.tok_seq,
+                &sc.tok_pos,
+                &mut sc.att,
+            );
             if let Some(norm) = &w.attn_sub_norm {
                 for t in 0..nt {
                     let a = &mut sc.att[t * q_dim..(t + 1) * q_dim];
@@ -472,6 +497,7 @@ fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// head h / (n_head / n_kv).
 fn attention(
     c: &Config,
+    isa: Isa,
     q: &[f32],
     caches: &[(&[f32], &[f32])],
     tok_seq: &[usize],
@@ -498,21 +524,14 @@ fn attention(
                 let n_keys = tok_pos[t] + 1;
                 let qh = &q[t * q_dim + h * hd..][..hd];
                 let kvh = (h / group) * hd;
-                scores.clear();
-                scores.extend(
-                    (0..n_keys).map(|j| dot_f32(qh, &kc[j * kv_dim + kvh..][..hd]) * scale),
-                );
+                scores.resize(n_keys, 0.0);
+                attn_scores(isa, qh, &kc[kvh..], kv_dim, scale, scores);
                 softmax(scores);
                 // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd)
                 };
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    for (oi, &vi) in o.iter_mut().zip(&vc[j * kv_dim + kvh..][..hd]) {
-                        *oi += p * vi;
-                    }
-                }
+                attn_values(isa, scores, &vc[kvh..], kv_dim, o);
             }
         })
     });

@@ -3,7 +3,8 @@
 //! - Ternary (BitLinear) matrices become [`BitLinear`]: 2-bit codes in the kernels' row layout
 //!   (see `bitnet_kernels::ternary`) and one f32 output scale `beta`. I2_S files whose rows are
 //!   whole 128-blocks (2B4T) are used straight from the memory map; everything else is repacked
-//!   once at load. No f32 copy of a ternary matrix is ever made.
+//!   once at load. No f32 copy of a ternary matrix is ever made. A lazy load (for converters)
+//!   keeps each matrix as its [`LinearSource`] and decodes it on demand, one at a time.
 //! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]);
 //!   the head can also be requantized at load to 8-bit blocks ([`HeadType`], an owned copy).
 //! - Norm weights are small and become `Vec<f32>`.
@@ -42,6 +43,40 @@ impl Bytes {
     pub fn is_mapped(&self) -> bool {
         matches!(self, Bytes::Mapped(..))
     }
+
+    /// Bytes of owned (heap) storage; mapped bytes count 0.
+    pub fn owned_len(&self) -> usize {
+        match self {
+            Bytes::Owned(v) => v.len(),
+            Bytes::Mapped(..) => 0,
+        }
+    }
+
+    /// Give the memory-map pages of `range` (byte offsets into these bytes) back to the kernel:
+    /// they are read from the file again if touched. Nothing for owned bytes.
+    pub fn release_pages(&self, range: Range<usize>) {
+        if let Bytes::Mapped(map, r) = self {
+            let start = r.start + range.start.min(r.len());
+            let end = r.start + range.end.min(r.len());
+            release_map_range(map, start..end.max(start));
+        }
+    }
+}
+
+/// `madvise(DONTNEED)` on part of a read-only file mapping (rounded out to whole pages).
+fn release_map_range(map: &Mmap, range: Range<usize>) {
+    if range.is_empty() {
+        return;
+    }
+    // SAFETY: a read-only file mapping: dropping its pages only means they are read from the
+    // file again if touched; no data is lost.
+    unsafe {
+        let _ = map.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            range.start,
+            range.len(),
+        );
+    }
 }
 
 /// A BitLinear weight: `y = (sum_k q_k * W[r, k]) * beta / s` for int8 activations q with
@@ -57,11 +92,20 @@ pub struct BitLinear {
     pub beta: f32,
     /// How it was stored ("I2_S", "TQ2_0", "F16 ternary", "packed uint8", "BF16 absmean", ...).
     pub stored_as: String,
+    /// Lazy loads only ([`crate::Model::load_lazy`]): where to read the matrix from. Such a
+    /// BitLinear holds no codes (`data` is empty, `beta` NaN) and cannot be multiplied; decode
+    /// it with [`LinearSource::decode`].
+    pub source: Option<LinearSource>,
 }
 
 impl BitLinear {
     pub fn kp(&self) -> usize {
         padded_len(self.cols)
+    }
+
+    /// Loaded lazily: only the [`BitLinear::source`], no codes.
+    pub fn is_lazy(&self) -> bool {
+        self.source.is_some()
     }
 
     pub fn view(&self) -> TernaryView<'_> {
@@ -244,17 +288,7 @@ impl Weights {
             HeadType::Q8_0 => {
                 let h = self.head();
                 let q = Q8Matrix::from_rows(h.rows, h.cols, |r, out| h.row(r, out));
-                if let Bytes::Mapped(map, range) = &h.data {
-                    // SAFETY: a read-only file mapping: dropping its pages only means they are
-                    // read from the file again if touched; no data is lost.
-                    unsafe {
-                        let _ = map.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            range.start,
-                            range.len(),
-                        );
-                    }
-                }
+                h.data.release_pages(0..h.data.len());
                 self.head_q8 = Some(q);
             }
             HeadType::Q6_K => bail!("--head-type q6_k is not implemented yet; use q8_0 or f16"),
@@ -282,6 +316,12 @@ impl Weights {
         self.layers
             .iter()
             .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+    }
+
+    /// Bytes of heap memory holding ternary codes (repacked matrices; the ones used straight
+    /// from the memory map, and lazily loaded ones, count 0).
+    pub fn ternary_bytes_held(&self) -> usize {
+        self.linears().map(|l| l.data.owned_len()).sum()
     }
 }
 
@@ -379,6 +419,186 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ternary sources
+
+/// Where a ternary matrix is read from: one tensor of a memory-mapped GGUF file or safetensors
+/// shard, already checked (shape, type, scale) but not decoded. [`LinearSource::decode`] makes
+/// the [`BitLinear`]. A normal load decodes every matrix at once; a lazy load
+/// ([`crate::Model::load_lazy`], for converters) keeps only the source in each
+/// [`BitLinear`], so that the matrices can be decoded one at a time.
+pub struct LinearSource {
+    name: String,
+    rows: usize,
+    cols: usize,
+    map: Arc<Mmap>,
+    /// The tensor's bytes in `map`.
+    range: Range<usize>,
+    kind: SourceKind,
+}
+
+enum SourceKind {
+    /// A GGUF tensor (a ternary or a float type) and the value of its optional `.scale` tensor.
+    Gguf {
+        dtype: GgmlType,
+        scale_mult: Option<f32>,
+    },
+    /// Hugging Face uint8 codes packed 4 per byte along the output axis, with the output scale
+    /// from `weight_scale`.
+    HfPacked { beta: f32 },
+    /// Hugging Face float weights (master weights, or a converter's ternary x scale).
+    HfFloat { dtype: GgmlType },
+}
+
+impl LinearSource {
+    /// The tensor's bytes in the memory map.
+    pub fn data(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+
+    /// Hand the memory-map pages of the tensor back to the kernel (after decoding it for a
+    /// conversion): they are read from the file again if touched.
+    pub fn release_pages(&self) {
+        release_map_range(&self.map, self.range.clone());
+    }
+
+    /// A [`BitLinear`] holding only this source: no codes, an unknown (NaN) scale.
+    fn into_lazy(self) -> BitLinear {
+        BitLinear {
+            name: self.name.clone(),
+            rows: self.rows,
+            cols: self.cols,
+            data: Bytes::Owned(Vec::new()),
+            beta: f32::NAN,
+            stored_as: "not decoded (lazy load)".to_string(),
+            source: Some(self),
+        }
+    }
+
+    /// Read the matrix: validate its codes and bring them to the runtime layout (used straight
+    /// from the memory map where the file layout is that already: I2_S with whole 128-blocks
+    /// per row; repacked otherwise). Warns about an all-zero matrix and about float weights that
+    /// are not ternary.
+    pub fn decode(&self, warnings: &mut Vec<String>) -> Result<BitLinear> {
+        let (name, rows, cols) = (self.name.as_str(), self.rows, self.cols);
+        let data = self.data();
+        let n = rows * cols;
+        let (bytes, beta, stored_as, what) = match self.kind {
+            SourceKind::Gguf { dtype, scale_mult } => {
+                let (bytes, beta, stored_as) = match dtype {
+                    GgmlType::I2_S if cols.is_multiple_of(ternary::BLOCK) => {
+                        // Rows are whole blocks: the file layout is the runtime layout. Only
+                        // validate.
+                        let codes = &data[..n / 4];
+                        if codes
+                            .par_chunks(4096)
+                            // A branch-free fold per chunk (vectorised), not a byte-by-byte
+                            // early exit.
+                            .any(|c| c.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1) & 0x55)) != 0)
+                        {
+                            bail!("tensor {name:?} contains the invalid I2_S code 3");
+                        }
+                        let range = self.range.start..self.range.start + n / 4;
+                        (
+                            Bytes::Mapped(self.map.clone(), range),
+                            codecs::i2s_scale(data, n),
+                            "I2_S".to_string(),
+                        )
+                    }
+                    GgmlType::I2_S | GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
+                        let scales = std::sync::Mutex::new(Vec::<f32>::new());
+                        let packed = pack_rows(rows, cols, |r, codes| {
+                            let s = ternary_row(dtype, data, cols, n, r, codes)
+                                .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
+                            let mut all = scales.lock().unwrap();
+                            for v in s {
+                                if !all.contains(&v) {
+                                    all.push(v);
+                                }
+                            }
+                            Ok(())
+                        })?;
+                        let scales = scales.into_inner().unwrap();
+                        let beta = match scales.as_slice() {
+                            [] => 0.0,
+                            [one] => *one,
+                            many => bail!("tensor {name:?}: its blocks have different scales ({} distinct, e.g. {} and {}), so it is not one ternary matrix", many.len(), many[0], many[1]),
+                        };
+                        (Bytes::Owned(packed), beta, dtype.name().to_string())
+                    }
+                    GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => {
+                        let row_bytes = cols * if dtype == GgmlType::F32 { 4 } else { 2 };
+                        let read = |r: usize, out: &mut [f32]| {
+                            codecs::dequantize_row(
+                                dtype,
+                                &data[r * row_bytes..(r + 1) * row_bytes],
+                                out,
+                            )
+                            .expect("sizes checked");
+                        };
+                        let (packed, beta, how) =
+                            ternarize_floats(name, rows, cols, true, read, warnings)?;
+                        (Bytes::Owned(packed), beta, format!("{dtype} {how}"))
+                    }
+                    _ => unreachable!("the type was checked when the source was made"),
+                };
+                let beta = match scale_mult {
+                    Some(m) => beta * m,
+                    None => beta,
+                };
+                (bytes, beta, stored_as, "file")
+            }
+            SourceKind::HfPacked { beta } => {
+                let rr = rows / 4;
+                let packed = pack_rows(rows, cols, |o, codes| {
+                    let (i, r) = (o / rr, o % rr);
+                    for (c, code) in codes.iter_mut().enumerate() {
+                        *code = (data[r * cols + c] >> (2 * i)) & 3;
+                        if *code == 3 {
+                            bail!("tensor {name:?}: invalid packed code 3 at row {r}, column {c}");
+                        }
+                    }
+                    Ok(())
+                })?;
+                (
+                    Bytes::Owned(packed),
+                    beta,
+                    "packed uint8".to_string(),
+                    "checkpoint",
+                )
+            }
+            SourceKind::HfFloat { dtype } => {
+                let eb = if dtype == GgmlType::F32 { 4 } else { 2 };
+                let read = |r: usize, out: &mut [f32]| {
+                    codecs::dequantize_row(dtype, &data[r * cols * eb..(r + 1) * cols * eb], out)
+                        .expect("sizes checked");
+                };
+                let (packed, beta, how) =
+                    ternarize_floats(name, rows, cols, false, read, warnings)?;
+                (
+                    Bytes::Owned(packed),
+                    beta,
+                    format!("{dtype} {how}"),
+                    "checkpoint",
+                )
+            }
+        };
+        let lin = BitLinear {
+            name: name.to_string(),
+            rows,
+            cols,
+            data: bytes,
+            beta,
+            stored_as,
+            source: None,
+        };
+        if lin.all_zero() {
+            warnings.push(format!("tensor {name:?} is all zeros: the {what} is probably broken (some re-uploads of the official checkpoints are); try another revision"));
+        }
+        Ok(lin)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // GGUF
 
 fn gguf_tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -394,92 +614,67 @@ fn check_dims(name: &str, got: &[u64], want: &[usize]) -> Result<()> {
 }
 
 /// A BitLinear slot of a GGUF file: `cols` inputs, `rows` outputs (GGUF dims `[cols, rows]`).
+/// Checked here (shape, type, scale tensor); the codes are read by [`LinearSource::decode`].
+fn gguf_linear_source(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<LinearSource> {
+    let t = gguf_tensor(g, name)?;
+    check_dims(name, &t.dims, &[cols, rows])?;
+    if !matches!(
+        t.dtype,
+        GgmlType::I2_S
+            | GgmlType::TQ2_0
+            | GgmlType::TQ1_0
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::F32
+    ) {
+        bail!(
+            "tensor {name:?}: type {} cannot hold a ternary BitLinear weight",
+            t.dtype
+        );
+    }
+    // Optional per-tensor output scale (llama.cpp's `blk.N.<name>.scale`).
+    let scale_name = name.replace(".weight", ".scale");
+    let scale_mult = match g.tensor(&scale_name) {
+        Some(st) => {
+            if st.n_elements() != 1 || st.dtype != GgmlType::F32 {
+                bail!(
+                    "tensor {scale_name:?} should be one F32 value, is {} {:?}",
+                    st.dtype,
+                    st.dims
+                );
+            }
+            Some(codecs::f32_at(g.tensor_data(st), 0))
+        }
+        None => None,
+    };
+    Ok(LinearSource {
+        name: name.to_string(),
+        rows,
+        cols,
+        map: g.map(),
+        range: t.offset as usize..(t.offset + t.size) as usize,
+        kind: SourceKind::Gguf {
+            dtype: t.dtype,
+            scale_mult,
+        },
+    })
+}
+
+/// A BitLinear slot of a GGUF file, decoded now or (`lazy`) kept as its source.
 fn gguf_linear(
     g: &GgufFile,
     name: &str,
     rows: usize,
     cols: usize,
+    lazy: bool,
     warnings: &mut Vec<String>,
 ) -> Result<BitLinear> {
-    let t = gguf_tensor(g, name)?;
-    check_dims(name, &t.dims, &[cols, rows])?;
-    let data = g.tensor_data(t);
-    let n = rows * cols;
-    let (bytes, mut beta, stored_as) = match t.dtype {
-        GgmlType::I2_S if cols.is_multiple_of(ternary::BLOCK) => {
-            // Rows are whole blocks: the file layout is the runtime layout. Only validate.
-            let codes = &data[..n / 4];
-            if codes
-                .par_chunks(4096)
-                // A branch-free fold per chunk (vectorised), not a byte-by-byte early exit.
-                .any(|c| c.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1) & 0x55)) != 0)
-            {
-                bail!("tensor {name:?} contains the invalid I2_S code 3");
-            }
-            let range = t.offset as usize..t.offset as usize + n / 4;
-            (
-                Bytes::Mapped(g.map(), range),
-                codecs::i2s_scale(data, n),
-                "I2_S".to_string(),
-            )
-        }
-        GgmlType::I2_S | GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
-            let scales = std::sync::Mutex::new(Vec::<f32>::new());
-            let packed = pack_rows(rows, cols, |r, codes| {
-                let s = ternary_row(t.dtype, data, cols, n, r, codes)
-                    .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
-                let mut all = scales.lock().unwrap();
-                for v in s {
-                    if !all.contains(&v) {
-                        all.push(v);
-                    }
-                }
-                Ok(())
-            })?;
-            let scales = scales.into_inner().unwrap();
-            let beta = match scales.as_slice() {
-                [] => 0.0,
-                [one] => *one,
-                many => bail!("tensor {name:?}: its blocks have different scales ({} distinct, e.g. {} and {}), so it is not one ternary matrix", many.len(), many[0], many[1]),
-            };
-            (Bytes::Owned(packed), beta, t.dtype.name().to_string())
-        }
-        GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => {
-            let dtype = t.dtype;
-            let row_bytes = cols * if dtype == GgmlType::F32 { 4 } else { 2 };
-            let read = |r: usize, out: &mut [f32]| {
-                codecs::dequantize_row(dtype, &data[r * row_bytes..(r + 1) * row_bytes], out)
-                    .expect("sizes checked");
-            };
-            let (packed, beta, how) = ternarize_floats(name, rows, cols, true, read, warnings)?;
-            (Bytes::Owned(packed), beta, format!("{dtype} {how}"))
-        }
-        other => bail!("tensor {name:?}: type {other} cannot hold a ternary BitLinear weight"),
-    };
-    // Optional per-tensor output scale (llama.cpp's `blk.N.<name>.scale`).
-    let scale_name = name.replace(".weight", ".scale");
-    if let Some(st) = g.tensor(&scale_name) {
-        if st.n_elements() != 1 || st.dtype != GgmlType::F32 {
-            bail!(
-                "tensor {scale_name:?} should be one F32 value, is {} {:?}",
-                st.dtype,
-                st.dims
-            );
-        }
-        beta *= codecs::f32_at(g.tensor_data(st), 0);
+    let src = gguf_linear_source(g, name, rows, cols)?;
+    if lazy {
+        Ok(src.into_lazy())
+    } else {
+        src.decode(warnings)
     }
-    let lin = BitLinear {
-        name: name.to_string(),
-        rows,
-        cols,
-        data: bytes,
-        beta,
-        stored_as,
-    };
-    if lin.all_zero() {
-        warnings.push(format!("tensor {name:?} is all zeros: the file is probably broken (some re-uploads of the official checkpoints are); try another revision"));
-    }
-    Ok(lin)
 }
 
 fn gguf_floats(g: &GgufFile, name: &str, want: &[usize]) -> Result<Vec<f32>> {
@@ -504,7 +699,14 @@ fn gguf_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Flo
     )
 }
 
-pub fn load_gguf_weights(g: &GgufFile, c: &Config, warnings: &mut Vec<String>) -> Result<Weights> {
+/// The weights of a GGUF file. `lazy`: keep each ternary matrix as its [`LinearSource`]
+/// instead of decoding it (see [`crate::Model::load_lazy`]).
+pub fn load_gguf_weights(
+    g: &GgufFile,
+    c: &Config,
+    lazy: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Weights> {
     let (e, f, q, kv) = (c.n_embd, c.n_ff, c.q_dim(), c.kv_dim());
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
@@ -518,15 +720,15 @@ pub fn load_gguf_weights(g: &GgufFile, c: &Config, warnings: &mut Vec<String>) -
         };
         layers.push(Layer {
             attn_norm: gguf_floats(g, &n("attn_norm"), &[e])?,
-            wq: gguf_linear(g, &n("attn_q"), q, e, warnings)?,
-            wk: gguf_linear(g, &n("attn_k"), kv, e, warnings)?,
-            wv: gguf_linear(g, &n("attn_v"), kv, e, warnings)?,
-            wo: gguf_linear(g, &n("attn_output"), e, q, warnings)?,
+            wq: gguf_linear(g, &n("attn_q"), q, e, lazy, warnings)?,
+            wk: gguf_linear(g, &n("attn_k"), kv, e, lazy, warnings)?,
+            wv: gguf_linear(g, &n("attn_v"), kv, e, lazy, warnings)?,
+            wo: gguf_linear(g, &n("attn_output"), e, q, lazy, warnings)?,
             attn_sub_norm: sub("attn_sub_norm", q)?,
             ffn_norm: gguf_floats(g, &n("ffn_norm"), &[e])?,
-            w_gate: gguf_linear(g, &n("ffn_gate"), f, e, warnings)?,
-            w_up: gguf_linear(g, &n("ffn_up"), f, e, warnings)?,
-            w_down: gguf_linear(g, &n("ffn_down"), e, f, warnings)?,
+            w_gate: gguf_linear(g, &n("ffn_gate"), f, e, lazy, warnings)?,
+            w_up: gguf_linear(g, &n("ffn_up"), f, e, lazy, warnings)?,
+            w_down: gguf_linear(g, &n("ffn_down"), e, f, lazy, warnings)?,
             ffn_sub_norm: sub("ffn_sub_norm", f)?,
         });
     }
@@ -593,34 +795,23 @@ fn st_float_type(name: &str, t: &HfTensor) -> Result<GgmlType> {
     })
 }
 
-fn hf_linear(
+/// A BitLinear slot of a Hugging Face checkpoint (`{prefix}.weight`, and `weight_scale` when
+/// packed). Checked here (shape, dtype, scale); the codes are read by [`LinearSource::decode`].
+fn hf_linear_source(
     d: &HfDir,
     prefix: &str,
     rows: usize,
     cols: usize,
     dir: ScaleDirection,
-    warnings: &mut Vec<String>,
-) -> Result<BitLinear> {
+) -> Result<LinearSource> {
     let name = format!("{prefix}.weight");
     let t = hf_tensor(d, &name)?;
-    let data = d.tensor_data(t);
-    let lin = if t.dtype == safetensors::Dtype::U8 {
+    let kind = if t.dtype == safetensors::Dtype::U8 {
         // Packed along the output axis: W[i*R + r, c] = ((P[r, c] >> 2i) & 3) - 1, R = rows/4.
         if !rows.is_multiple_of(4) {
             bail!("tensor {name:?}: {rows} output features cannot be packed 4 per byte");
         }
-        let rr = rows / 4;
-        hf_shape(&name, t, &[rr, cols])?;
-        let packed = pack_rows(rows, cols, |o, codes| {
-            let (i, r) = (o / rr, o % rr);
-            for (c, code) in codes.iter_mut().enumerate() {
-                *code = (data[r * cols + c] >> (2 * i)) & 3;
-                if *code == 3 {
-                    bail!("tensor {name:?}: invalid packed code 3 at row {r}, column {c}");
-                }
-            }
-            Ok(())
-        })?;
+        hf_shape(&name, t, &[rows / 4, cols])?;
         let scale_name = format!("{prefix}.weight_scale");
         let st = hf_tensor(d, &scale_name)?;
         let s = d.read_f32(st)?;
@@ -637,36 +828,40 @@ fn hf_linear(
         if !(beta.is_finite()) {
             bail!("tensor {scale_name:?} = {} gives no usable scale", s[0]);
         }
-        BitLinear {
-            name,
-            rows,
-            cols,
-            data: Bytes::Owned(packed),
-            beta,
-            stored_as: "packed uint8".into(),
-        }
+        SourceKind::HfPacked { beta }
     } else {
         hf_shape(&name, t, &[rows, cols])?;
-        let dtype = st_float_type(&name, t)?;
-        let eb = if dtype == GgmlType::F32 { 4 } else { 2 };
-        let read = |r: usize, out: &mut [f32]| {
-            codecs::dequantize_row(dtype, &data[r * cols * eb..(r + 1) * cols * eb], out)
-                .expect("sizes checked");
-        };
-        let (packed, beta, how) = ternarize_floats(&name, rows, cols, false, read, warnings)?;
-        BitLinear {
-            name,
-            rows,
-            cols,
-            data: Bytes::Owned(packed),
-            beta,
-            stored_as: format!("{dtype} {how}"),
+        SourceKind::HfFloat {
+            dtype: st_float_type(&name, t)?,
         }
     };
-    if lin.all_zero() {
-        warnings.push(format!("tensor {:?} is all zeros: the checkpoint is probably broken (some re-uploads of the official checkpoints are); try another revision", lin.name));
+    let (map, range) = d.tensor_map(t);
+    Ok(LinearSource {
+        name,
+        rows,
+        cols,
+        map,
+        range,
+        kind,
+    })
+}
+
+/// A BitLinear slot of a Hugging Face checkpoint, decoded now or (`lazy`) kept as its source.
+fn hf_linear(
+    d: &HfDir,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    dir: ScaleDirection,
+    lazy: bool,
+    warnings: &mut Vec<String>,
+) -> Result<BitLinear> {
+    let src = hf_linear_source(d, prefix, rows, cols, dir)?;
+    if lazy {
+        Ok(src.into_lazy())
+    } else {
+        src.decode(warnings)
     }
-    Ok(lin)
 }
 
 fn hf_floats(d: &HfDir, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -689,14 +884,21 @@ fn hf_matrix(d: &HfDir, name: &str, rows: usize, cols: usize) -> Result<FloatMat
     )
 }
 
-pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Result<Weights> {
+/// The weights of a Hugging Face directory. `lazy`: keep each ternary matrix as its
+/// [`LinearSource`] instead of decoding it (see [`crate::Model::load_lazy`]).
+pub fn load_hf_weights(
+    d: &HfDir,
+    c: &Config,
+    lazy: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Weights> {
     let dir = hf_scale_direction(d)?;
     let (e, f, q, kv) = (c.n_embd, c.n_ff, c.q_dim(), c.kv_dim());
     let sub_names = crate::config::hf_sub_norm_names(d);
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
         let p = |s: &str| format!("model.layers.{i}.{s}");
-        let mut lin = |s: &str, rows, cols| hf_linear(d, &p(s), rows, cols, dir, warnings);
+        let mut lin = |s: &str, rows, cols| hf_linear(d, &p(s), rows, cols, dir, lazy, warnings);
         let (wq, wk, wv, wo) = (
             lin("self_attn.q_proj", q, e)?,
             lin("self_attn.k_proj", kv, e)?,
@@ -740,4 +942,90 @@ pub fn load_hf_weights(d: &HfDir, c: &Config, warnings: &mut Vec<String>) -> Res
         output_norm: hf_floats(d, "model.norm.weight", e)?,
         layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Model;
+    use std::path::PathBuf;
+
+    fn data(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data")
+            .join(rel)
+    }
+
+    /// A lazy load holds no ternary codes at all, and decoding each matrix gives exactly what a
+    /// normal load holds (codes, scale, mapped or not), with the same warnings.
+    #[test]
+    fn lazy_load_holds_no_codes_and_decodes_to_the_loaded_matrices() {
+        for rel in [
+            "tiny/checkpoint_master_bf16",
+            "tiny/checkpoint_packed",
+            "tiny/gguf/tiny-i2_s.gguf",
+            "tiny/gguf/tiny-tq2_0.gguf",
+            "tiny/gguf/tiny-tq1_0.gguf",
+            "falcon-tiny/checkpoint_master_bf16",
+            "falcon-tiny/checkpoint_packed",
+            "falcon-tiny/falcon-tiny-TQ2_0.gguf",
+        ] {
+            let (eager, lazy) = (
+                Model::load(&data(rel)).unwrap(),
+                Model::load_lazy(&data(rel)).unwrap(),
+            );
+            assert!(eager.weights.ternary_bytes_held() > 0, "{rel}");
+            assert_eq!(lazy.weights.ternary_bytes_held(), 0, "{rel}");
+            let mut s = lazy.new_session(8);
+            let e = lazy.forward(&mut s, &[1], false).unwrap_err().to_string();
+            assert!(e.contains("conversion only"), "{rel}: {e}");
+            let mut warnings = lazy.warnings.clone();
+            for (a, b) in eager.weights.linears().zip(lazy.weights.linears()) {
+                assert!(!a.is_lazy(), "{rel}: {}", a.name);
+                assert!(b.is_lazy() && b.data.is_empty() && b.beta.is_nan());
+                let d = b.source.as_ref().unwrap().decode(&mut warnings).unwrap();
+                assert!(!d.is_lazy());
+                assert_eq!(
+                    (&d.name, d.rows, d.cols, d.beta.to_bits(), &d.stored_as),
+                    (&a.name, a.rows, a.cols, a.beta.to_bits(), &a.stored_as),
+                    "{rel}"
+                );
+                assert_eq!(d.data.is_mapped(), a.data.is_mapped(), "{rel}: {}", a.name);
+                assert!(*d.data == *a.data, "{rel}: {}: codes differ", a.name);
+            }
+            assert_eq!(warnings, eager.warnings, "{rel}");
+        }
+    }
+
+    /// Checks that need no decoding (shapes, types) still fail a lazy load.
+    #[test]
+    fn lazy_load_still_checks_shapes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = data("tiny/gguf/tiny-tq2_0.gguf");
+        let g = bitnet_formats::GgufFile::open(&src).unwrap();
+        let t = g.tensor("blk.0.ffn_down.weight").unwrap();
+        // Swap the two dims of one matrix in the header: the dims are stored as u64s right
+        // after the name, so find them by value.
+        let bytes = std::fs::read(&src).unwrap();
+        let (c, r) = (t.dims[0], t.dims[1]);
+        assert_ne!(c, r);
+        let mut pat = Vec::new();
+        pat.extend_from_slice(&(t.name.len() as u64).to_le_bytes());
+        pat.extend_from_slice(t.name.as_bytes());
+        pat.extend_from_slice(&2u32.to_le_bytes());
+        let at = bytes
+            .windows(pat.len())
+            .position(|w| w == pat.as_slice())
+            .unwrap()
+            + pat.len();
+        let mut bad = bytes.clone();
+        bad[at..at + 8].copy_from_slice(&r.to_le_bytes());
+        bad[at + 8..at + 16].copy_from_slice(&c.to_le_bytes());
+        let path = tmp.path().join("bad.gguf");
+        std::fs::write(&path, bad).unwrap();
+        let e = Model::load_lazy(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("blk.0.ffn_down.weight") && e.contains("shape"),
+            "{e}"
+        );
+    }
 }

@@ -20,6 +20,157 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Attention scores of one query head: `scores[j] = scale * (q . key_j)`, where key j is
+/// `keys[j * stride..][..q.len()]` (a KV cache row). One call per (token, head), so the loop
+/// over keys runs inside the SIMD code.
+pub fn attn_scores(
+    isa: Isa,
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let hd = q.len();
+    if let Some(j) = scores.len().checked_sub(1) {
+        assert!(keys.len() >= j * stride + hd);
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
+            attn_scores_avx2(q, keys, stride, scale, scores)
+        },
+        _ => {
+            for (j, sc) in scores.iter_mut().enumerate() {
+                *sc = dot_f32(q, &keys[j * stride..][..hd]) * scale;
+            }
+        }
+    }
+}
+
+/// Attention output of one head: `out = sum_j p[j] * value_j`, value j being
+/// `values[j * stride..][..out.len()]`.
+pub fn attn_values(isa: Isa, p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    if let Some(j) = p.len().checked_sub(1) {
+        assert!(values.len() >= j * stride + hd);
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
+            attn_values_avx2(p, values, stride, out)
+        },
+        _ => {
+            out.fill(0.0);
+            for (j, &pj) in p.iter().enumerate() {
+                axpy_f32_scalar(out, pj, &values[j * stride..][..hd]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_scores_avx2(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = dot_f32_avx2(q, keys.get_unchecked(j * stride..j * stride + q.len())) * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attn_values_avx2(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = out.len();
+    let pv = values.as_ptr();
+    // 32 outputs at a time stay in four registers while every value row streams past.
+    let mut c = 0;
+    while c + 32 <= hd {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (j, &pj) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(pj);
+            let row = pv.add(j * stride + c);
+            for (k, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * k)), *acc);
+            }
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *acc);
+        }
+        c += 32;
+    }
+    if c < hd {
+        out[c..].fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            axpy_f32_avx2(&mut out[c..], pj, &values[j * stride + c..j * stride + hd]);
+        }
+    }
+}
+
+/// `y += a * x`.
+pub fn axpy_f32_scalar(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let (x, y) = (
+                _mm256_loadu_ps(pa.add(i + 8 * k)),
+                _mm256_loadu_ps(pb.add(i + 8 * k)),
+            );
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    let mut s = _mm_cvtss_f32(h);
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = y.len().min(x.len());
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+        _mm256_storeu_ps(py.add(i), r);
+        i += 8;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}
+
 /// Scalar reference: dot product of a little-endian f16 row (`2 * x.len()` bytes) with x.
 pub fn dot_f16_scalar(row: &[u8], x: &[f32]) -> f32 {
     x.iter()
@@ -334,6 +485,53 @@ mod tests {
                             got[i]
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Whole-head attention kernels on every ISA against f64, for head sizes with and
+    /// without a tail of 32, strided rows as in a KV cache.
+    #[test]
+    fn attention_kernels_agree() {
+        let mut rng = Lcg(12);
+        for (hd, n_keys, stride) in [
+            (128, 1, 128),
+            (128, 37, 640),
+            (64, 5, 80),
+            (40, 9, 41),
+            (7, 3, 7),
+        ] {
+            let q: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
+            let kv: Vec<f32> = (0..n_keys * stride).map(|_| rng.f32()).collect();
+            let p: Vec<f32> = (0..n_keys).map(|_| rng.f32()).collect();
+            for isa in Isa::all_available() {
+                let mut scores = vec![0f32; n_keys];
+                attn_scores(isa, &q, &kv, stride, 0.5, &mut scores);
+                let mut out = vec![f32::NAN; hd];
+                attn_values(isa, &p, &kv, stride, &mut out);
+                for j in 0..n_keys {
+                    let k = &kv[j * stride..][..hd];
+                    let w: f64 = 0.5
+                        * q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>();
+                    assert!(
+                        (scores[j] as f64 - w).abs() < 1e-5,
+                        "{} scores hd={hd} j={j}",
+                        isa.name()
+                    );
+                }
+                for i in 0..hd {
+                    let w: f64 = (0..n_keys)
+                        .map(|j| p[j] as f64 * kv[j * stride + i] as f64)
+                        .sum();
+                    assert!(
+                        (out[i] as f64 - w).abs() < 1e-5,
+                        "{} values hd={hd} i={i}",
+                        isa.name()
+                    );
                 }
             }
         }

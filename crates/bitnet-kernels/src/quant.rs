@@ -11,7 +11,7 @@ pub fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let s = 127.0f32 * (1.0f32 / m);
     let mut sum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
-        let v = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        let v = round_half_even_small(xi * s).clamp(-128.0, 127.0) as i8;
         *qi = v;
         sum += v as i32;
     }
@@ -19,9 +19,42 @@ pub fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (s, sum)
 }
 
+/// `x.round_ties_even()` for |x| < 2^22 (here |x| <= 127 and a little): adding and removing
+/// 1.5 * 2^23 leaves no fraction bits, so the FPU's default round-to-nearest-even does the
+/// rounding. Two adds that vectorise, where `round_ties_even` is a libm call on baseline
+/// x86-64 (no SSE4.1 `roundps`): 13% of prompt processing. NaN stays NaN (and casts to 0).
+#[inline(always)]
+fn round_half_even_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (x + MAGIC) - MAGIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast rounding equals `round_ties_even` (as a value: -0 and +0 both cast to 0) on
+    /// every f32 of magnitude 1/16 to 256, ties included, and on a sweep of smaller ones.
+    #[test]
+    fn fast_rounding_is_round_half_even() {
+        for sign in [1.0f32, -1.0] {
+            let mut x = 0.0625f32;
+            while x <= 256.0 {
+                let v = sign * x;
+                assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+                x = x.next_up();
+            }
+            let mut x = f32::MIN_POSITIVE;
+            while x < 0.0625 {
+                assert_eq!(round_half_even_small(sign * x), 0.0);
+                x *= 1.001;
+            }
+        }
+        assert!(round_half_even_small(f32::NAN).is_nan());
+        for inf in [f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(round_half_even_small(inf), inf);
+        }
+    }
 
     #[test]
     fn ties_round_to_even_and_scale_uses_the_reciprocal() {
