@@ -139,11 +139,26 @@ pub fn print_warnings(warnings: &[String]) {
     }
 }
 
+/// `--no-mmap` (a global option, set once by `main`).
+static NO_MMAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_no_mmap(on: bool) {
+    NO_MMAP.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How every command loads a model (the global options).
+pub fn load_options() -> bitnet_engine::model::LoadOptions {
+    bitnet_engine::model::LoadOptions {
+        no_mmap: NO_MMAP.load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    }
+}
+
 /// Load a model (a path or a Hub reference, see [`resolve_model`]) and print its load-time
 /// warnings to stderr.
 pub fn load_model(path: &Path) -> Result<Model> {
     let path = resolve_model_path(path)?;
-    let model = Model::load(&path)?;
+    let model = Model::load_with(&path, &load_options())?;
     print_warnings(&model.warnings);
     Ok(model)
 }

@@ -252,7 +252,13 @@ pub fn load_with_head(path: &Path, head_type: Option<&str>) -> Result<Model> {
         .transpose()
         .map_err(|e| anyhow!("--head-type: {e}"))?;
     let path = resolve_model_path(path)?;
-    let model = Model::load_with(&path, &LoadOptions { head_type })?;
+    let model = Model::load_with(
+        &path,
+        &LoadOptions {
+            head_type,
+            ..crate::args::load_options()
+        },
+    )?;
     print_warnings(&model.warnings);
     Ok(model)
 }

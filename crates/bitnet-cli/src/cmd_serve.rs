@@ -73,6 +73,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         defaults,
         default_max_tokens: a.n_predict,
         shutdown_grace: Duration::from_secs(30),
+        load: crate::args::load_options(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -28,6 +28,11 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Copy the model's ternary weights into memory instead of reading them from the
+    /// memory-mapped file (as llama.cpp's --no-mmap): same resident memory, a little slower to
+    /// load, faster generation on some machines (docs/PERFORMANCE.md).
+    #[arg(long, global = true)]
+    no_mmap: bool,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         _ => a,
     });
     let cli = Cli::parse_from(args);
+    args::set_no_mmap(cli.no_mmap);
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a),
         Command::Chat(a) => cmd_chat::run(a),

@@ -239,6 +239,35 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
         logits = model.forward(&mut s, &[next], false).unwrap().to_vec();
     }
     assert_eq!(greedy, format!("{}\n", tok.decode(&out)));
+    // `--no-mmap` (global, before or after the subcommand) only changes where the weights live.
+    for args in [
+        vec![
+            "--no-mmap",
+            "run",
+            "-m",
+            &m,
+            "-p",
+            "Hello",
+            "-n",
+            "12",
+            "--temp",
+            "0",
+        ],
+        vec![
+            "run",
+            "-m",
+            &m,
+            "-p",
+            "Hello",
+            "-n",
+            "12",
+            "--temp",
+            "0",
+            "--no-mmap",
+        ],
+    ] {
+        assert_eq!(stdout(&bitnet(&args)), greedy, "{args:?}");
+    }
 }
 
 #[test]

@@ -48,6 +48,12 @@ pub struct LoadOptions {
     /// Compute the output head in this type: `None` or `Some(HeadType::F16)` use it as stored;
     /// `Some(HeadType::Q8_0)` requantizes an owned copy at load (see [`HeadType`]).
     pub head_type: Option<HeadType>,
+    /// Copy the weights a decode step streams from the file map into anonymous memory with
+    /// huge pages, and drop the file's pages (llama.cpp's `--no-mmap`; see
+    /// [`Weights::copy_to_memory`]). Same resident memory, faster generation where huge pages
+    /// are granted (docs/PERFORMANCE.md), at the cost of under a second of load and memory the
+    /// kernel cannot drop under pressure.
+    pub no_mmap: bool,
 }
 
 pub struct Model {
@@ -142,6 +148,9 @@ impl Model {
         let mut weights = weights;
         if let Some(t) = opts.head_type {
             weights.requantize_head(t)?;
+        }
+        if opts.no_mmap && !lazy {
+            weights.copy_to_memory()?;
         }
         let hd = config.head_dim;
         let inv_freq = (0..hd / 2)

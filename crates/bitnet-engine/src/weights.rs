@@ -27,6 +27,8 @@ use std::sync::Arc;
 pub enum Bytes {
     Owned(Vec<u8>),
     Mapped(Arc<Mmap>, Range<usize>),
+    /// Part of an anonymous mapping (`--no-mmap`, [`Weights::copy_to_memory`]).
+    Anon(Arc<Mmap>, Range<usize>),
 }
 
 impl Deref for Bytes {
@@ -34,7 +36,7 @@ impl Deref for Bytes {
     fn deref(&self) -> &[u8] {
         match self {
             Bytes::Owned(v) => v,
-            Bytes::Mapped(m, r) => &m[r.clone()],
+            Bytes::Mapped(m, r) | Bytes::Anon(m, r) => &m[r.clone()],
         }
     }
 }
@@ -44,16 +46,31 @@ impl Bytes {
         matches!(self, Bytes::Mapped(..))
     }
 
-    /// Bytes of owned (heap) storage; mapped bytes count 0.
+    /// Bytes of owned (heap or anonymous) storage; file-mapped bytes count 0.
     pub fn owned_len(&self) -> usize {
         match self {
             Bytes::Owned(v) => v.len(),
+            Bytes::Anon(_, r) => r.len(),
             Bytes::Mapped(..) => 0,
         }
     }
 
+    /// Map the file pages of `range` in one call (`MADV_POPULATE_READ`) rather than one page
+    /// fault at a time: a hint, ignored where unsupported.
+    pub fn populate(&self, range: Range<usize>) {
+        #[cfg(target_os = "linux")]
+        if let Bytes::Mapped(map, r) = self {
+            let start = r.start + range.start.min(r.len());
+            let end = r.start + range.end.min(r.len());
+            // Page-aligned start, as madvise requires.
+            let page = start & !4095;
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, page, end.max(start) - page);
+        }
+    }
+
     /// Give the memory-map pages of `range` (byte offsets into these bytes) back to the kernel:
-    /// they are read from the file again if touched. Nothing for owned bytes.
+    /// they are read from the file again if touched. Nothing for owned or anonymous bytes
+    /// (dropping those would lose them).
     pub fn release_pages(&self, range: Range<usize>) {
         if let Bytes::Mapped(map, r) = self {
             let start = r.start + range.start.min(r.len());
@@ -220,6 +237,33 @@ pub struct Layer {
     pub ffn_sub_norm: Option<Vec<f32>>,
 }
 
+impl Layer {
+    /// The seven ternary matrices, in file order.
+    pub fn linears(&self) -> [&BitLinear; 7] {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut BitLinear; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.w_gate,
+            &mut self.w_up,
+            &mut self.w_down,
+        ]
+    }
+}
+
 pub struct Weights {
     pub embed: FloatMatrix,
     /// Untied output head; `None` means the embedding is the head.
@@ -296,6 +340,58 @@ impl Weights {
         Ok(())
     }
 
+    /// `--no-mmap`: move the weights a decode step streams (every ternary matrix, and the
+    /// output head unless it was requantized) into one anonymous region, asking for
+    /// transparent huge pages (2 MiB pages spare the TLB over a 1 GB stream). File pages are
+    /// released as they are copied and heap copies (repacked TQ matrices) freed, so resident
+    /// memory does not grow by more than one tensor.
+    pub fn copy_to_memory(&mut self) -> Result<()> {
+        let requantized = self.head_q8.is_some();
+        let mut parts: Vec<&mut Bytes> = Vec::new();
+        for l in &mut self.layers {
+            parts.extend(l.linears_mut().into_iter().map(|lin| &mut lin.data));
+        }
+        if !requantized {
+            // The head: the untied one, or the embedding (then every row is read per token).
+            match &mut self.head {
+                Some(h) => parts.push(&mut h.data),
+                None => parts.push(&mut self.embed.data),
+            }
+        }
+        parts.retain(|b| !matches!(b, Bytes::Anon(..)) && !b.is_empty());
+        let total: usize = parts.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let err =
+            |e: std::io::Error| Error::new(format!("cannot copy the weights into memory: {e}"));
+        let mut anon = memmap2::MmapMut::map_anon(total).map_err(err)?;
+        #[cfg(target_os = "linux")]
+        let _ = anon.advise(memmap2::Advice::HugePage); // a hint: fine if refused
+        let mut ranges = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        const CHUNK: usize = 16 << 20; // copy and release in steps, so the peak stays flat
+        for b in parts.iter_mut() {
+            let n = b.len();
+            for c in (0..n).step_by(CHUNK) {
+                let c = c..(c + CHUNK).min(n);
+                b.populate(c.clone());
+                anon[at + c.start..at + c.end].copy_from_slice(&b[c.clone()]);
+                b.release_pages(c);
+            }
+            if let Bytes::Owned(v) = &mut **b {
+                *v = Vec::new(); // free the heap copy now, not after the whole loop
+            }
+            ranges.push(at..at + n);
+            at += n;
+        }
+        let anon = Arc::new(anon.make_read_only().map_err(err)?);
+        for (b, r) in parts.into_iter().zip(ranges) {
+            *b = Bytes::Anon(anon.clone(), r);
+        }
+        Ok(())
+    }
+
     /// The head's type as used: the stored type, or "Q8_0 (requantized)".
     pub fn head_type_name(&self) -> String {
         match &self.head_q8 {
@@ -313,9 +409,7 @@ impl Weights {
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &BitLinear> {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        self.layers.iter().flat_map(|l| l.linears())
     }
 
     /// Bytes of heap memory holding ternary codes (repacked matrices; the ones used straight
@@ -582,6 +676,11 @@ impl LinearSource {
                 )
             }
         };
+        if !bytes.is_mapped() {
+            // Decoded into a copy: the file's pages of this tensor are not read again, so give
+            // them back now rather than hold the file and the copy (TQ files: +0.5 GiB).
+            self.release_pages();
+        }
         let lin = BitLinear {
             name: name.to_string(),
             rows,

@@ -104,6 +104,7 @@ fn q8_0_head_stays_close_to_the_f16_head() {
     let f16 = Model::load(&path).unwrap();
     let opts = LoadOptions {
         head_type: Some(HeadType::Q8_0),
+        ..LoadOptions::default()
     };
     let q8 = Model::load_with(&path, &opts).unwrap();
     assert_eq!(q8.weights.head_type_name(), "Q8_0 (requantized)");
@@ -122,6 +123,7 @@ fn q8_0_head_stays_close_to_the_f16_head() {
         &path,
         &LoadOptions {
             head_type: Some(HeadType::F16),
+            ..LoadOptions::default()
         },
     )
     .unwrap();
@@ -130,9 +132,53 @@ fn q8_0_head_stays_close_to_the_f16_head() {
         &path,
         &LoadOptions {
             head_type: Some(HeadType::Q6_K),
+            ..LoadOptions::default()
         },
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("q6_k"), "{e}");
+}
+
+/// `--no-mmap`: the ternary matrices (used from the file map, or repacked on the heap) and the
+/// tied head move into one anonymous mapping, with the same bytes and bit-identical logits; a
+/// requantized head leaves the embedding in the map.
+#[test]
+fn no_mmap_moves_streamed_weights_and_changes_nothing_else() {
+    use bitnet_engine::model::HeadType;
+    use bitnet_engine::weights::Bytes;
+    let opts = |no_mmap, head_type| LoadOptions { no_mmap, head_type };
+    for rel in [
+        "gguf/tiny-i2_s.gguf",
+        "gguf/tiny-tq2_0.gguf",
+        "gguf/tiny-tq1_0.gguf",
+        "checkpoint_packed",
+    ] {
+        let path = tiny(rel);
+        let plain = Model::load(&path).unwrap();
+        let moved = Model::load_with(&path, &opts(true, None)).unwrap();
+        for (a, b) in plain.weights.linears().zip(moved.weights.linears()) {
+            assert!(*a.data == *b.data, "{rel}: {}", a.name);
+            assert!(
+                matches!(b.data, Bytes::Anon(..)),
+                "{rel}: {} not moved",
+                a.name
+            );
+        }
+        assert!(
+            moved.weights.head.is_none(),
+            "{rel}: the tiny models tie the head"
+        );
+        assert!(matches!(moved.weights.embed.data, Bytes::Anon(..)), "{rel}");
+        assert!(
+            *moved.weights.embed.data == *plain.weights.embed.data,
+            "{rel}"
+        );
+        assert_eq!(all_logits(&moved), all_logits(&plain), "{rel}");
+
+        let q8 = Model::load_with(&path, &opts(true, Some(HeadType::Q8_0))).unwrap();
+        assert!(!matches!(q8.weights.embed.data, Bytes::Anon(..)), "{rel}");
+        let plain_q8 = Model::load_with(&path, &opts(false, Some(HeadType::Q8_0))).unwrap();
+        assert_eq!(all_logits(&q8), all_logits(&plain_q8), "{rel}");
+    }
 }

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub default_max_tokens: Option<usize>,
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     pub shutdown_grace: Duration,
+    /// How to load the model (`--no-mmap`).
+    pub load: bitnet_engine::model::LoadOptions,
 }
 
 pub(crate) struct Loaded {
@@ -74,7 +76,10 @@ impl AppState {
     /// Load the model and start the scheduler (blocking; run it off the async runtime).
     pub fn load(&self) -> Result<(), String> {
         let r = (|| -> Result<Loaded, String> {
-            let model = Arc::new(Model::load(&self.cfg.model_path).map_err(|e| e.to_string())?);
+            let model = Arc::new(
+                Model::load_with(&self.cfg.model_path, &self.cfg.load)
+                    .map_err(|e| e.to_string())?,
+            );
             for w in &model.warnings {
                 eprintln!("warning: {w}");
             }

@@ -39,6 +39,7 @@ fn start(n_parallel: usize, max_queue: usize, api_key: Option<&str>) -> Server {
         defaults: SamplingParams::default(),
         default_max_tokens: Some(16),
         shutdown_grace: Duration::from_secs(5),
+        load: Default::default(),
     };
     let (tx_addr, rx_addr) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
