@@ -11,7 +11,7 @@
 
 use crate::config::Config;
 use crate::{bail, Error, Result};
-use bitnet_formats::codecs::{self, ternary_row};
+use bitnet_formats::codecs::{self, ternary_row, tq2_row_to_i2s};
 use bitnet_formats::safetensors_dir::{HfDir, HfTensor};
 use bitnet_formats::{GgmlType, GgufFile, TensorInfo};
 use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
@@ -440,6 +440,18 @@ where
     Ok(out)
 }
 
+/// Like [`pack_rows`], for sources that write the runtime row bytes (`row_bytes` each) directly.
+fn fill_rows<F>(rows: usize, row_bytes: usize, fill_row: F) -> Result<Vec<u8>>
+where
+    F: Fn(usize, &mut [u8]) -> Result<()> + Sync,
+{
+    let mut out = vec![0u8; rows * row_bytes];
+    out.par_chunks_mut(row_bytes.max(1))
+        .enumerate()
+        .try_for_each(|(r, dst)| fill_row(r, dst))?;
+    Ok(out)
+}
+
 /// Ternarize float weights. `exact_ternary`: the tensor is expected to hold codes times one
 /// scale (a converter's F16 fallback, REFERENCE.md trap 8), so beta = max|w|; if it is not
 /// ternary after all we fall back to absmean and warn. Otherwise (master weights) absmean, as
@@ -600,17 +612,31 @@ impl LinearSource {
                     }
                     GgmlType::I2_S | GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
                         let scales = std::sync::Mutex::new(Vec::<f32>::new());
-                        let packed = pack_rows(rows, cols, |r, codes| {
-                            let s = ternary_row(dtype, data, cols, n, r, codes)
-                                .map_err(|e| Error::from(e).context(format!("tensor {name:?}")))?;
+                        let add_scales = |s: Vec<f32>| {
                             let mut all = scales.lock().unwrap();
                             for v in s {
                                 if !all.contains(&v) {
                                     all.push(v);
                                 }
                             }
-                            Ok(())
-                        })?;
+                        };
+                        let ctx = |e: bitnet_formats::FormatError| {
+                            Error::from(e).context(format!("tensor {name:?}"))
+                        };
+                        let packed = if dtype == GgmlType::TQ2_0 {
+                            // Byte for byte (TQ2_0 rows are whole 256-blocks, so whole 128s).
+                            fill_rows(rows, padded_len(cols) / 4, |r, dst| {
+                                add_scales(tq2_row_to_i2s(data, cols, r, dst).map_err(ctx)?);
+                                Ok(())
+                            })?
+                        } else {
+                            pack_rows(rows, cols, |r, codes| {
+                                add_scales(
+                                    ternary_row(dtype, data, cols, n, r, codes).map_err(ctx)?,
+                                );
+                                Ok(())
+                            })?
+                        };
                         let scales = scales.into_inner().unwrap();
                         let beta = match scales.as_slice() {
                             [] => 0.0,

@@ -12,11 +12,12 @@ fn data(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bitnet-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory, removed when the test ends.
+fn tmp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("bitnet-bad-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Rebuild a GGUF file through our writer so one thing can be changed.
@@ -55,7 +56,7 @@ fn load_err(path: &Path) -> String {
 fn rewritten_file_still_loads() {
     // The harness itself must not break a good file, or the tests below prove nothing.
     let d = tmp_dir("ok");
-    let p = d.join("same.gguf");
+    let p = d.path().join("same.gguf");
     std::fs::write(&p, rewrite(&data("gguf/tiny-i2_s.gguf"), |_| {})).unwrap();
     Model::load(&p).unwrap();
 }
@@ -68,7 +69,7 @@ fn truncated_files() {
         .into_iter()
         .enumerate()
     {
-        let p = d.join(format!("cut{i}.gguf"));
+        let p = d.path().join(format!("cut{i}.gguf"));
         std::fs::write(&p, &bytes[..cut]).unwrap();
         let msg = load_err(&p);
         assert!(
@@ -85,7 +86,7 @@ fn tensor_past_the_end_names_the_tensor() {
     let h = parse_header(&bytes).unwrap();
     let last = h.tensors.iter().max_by_key(|t| t.offset).unwrap().clone();
     bytes.truncate(last.offset as usize + 10);
-    let p = d.join("past.gguf");
+    let p = d.path().join("past.gguf");
     std::fs::write(&p, &bytes).unwrap();
     let msg = load_err(&p);
     assert!(msg.contains(&last.name), "{msg}");
@@ -94,7 +95,7 @@ fn tensor_past_the_end_names_the_tensor() {
 #[test]
 fn unknown_tensor_type() {
     let d = tmp_dir("type");
-    let p = d.join("type.gguf");
+    let p = d.path().join("type.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| w.tensors[3].2 = 12),
@@ -110,7 +111,7 @@ fn unknown_tensor_type() {
 #[test]
 fn overflowing_dimension() {
     let d = tmp_dir("dims");
-    let p = d.join("dims.gguf");
+    let p = d.path().join("dims.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -124,7 +125,7 @@ fn overflowing_dimension() {
 #[test]
 fn missing_tensor() {
     let d = tmp_dir("missing");
-    let p = d.join("missing.gguf");
+    let p = d.path().join("missing.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -138,7 +139,7 @@ fn missing_tensor() {
 #[test]
 fn shape_that_does_not_match_the_hyperparameters() {
     let d = tmp_dir("shape");
-    let p = d.join("shape.gguf");
+    let p = d.path().join("shape.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -160,7 +161,7 @@ fn shape_that_does_not_match_the_hyperparameters() {
 #[test]
 fn metadata_of_the_wrong_type_or_absent() {
     let d = tmp_dir("meta");
-    let p = d.join("meta.gguf");
+    let p = d.path().join("meta.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -173,7 +174,7 @@ fn metadata_of_the_wrong_type_or_absent() {
     )
     .unwrap();
     assert!(load_err(&p).contains("bitnet-25.block_count"));
-    let p = d.join("noarch.gguf");
+    let p = d.path().join("noarch.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -182,7 +183,7 @@ fn metadata_of_the_wrong_type_or_absent() {
     )
     .unwrap();
     assert!(load_err(&p).contains("general.architecture"));
-    let p = d.join("hugeheads.gguf");
+    let p = d.path().join("hugeheads.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -200,7 +201,7 @@ fn metadata_of_the_wrong_type_or_absent() {
 #[test]
 fn invalid_i2_s_code() {
     let d = tmp_dir("code3");
-    let p = d.join("code3.gguf");
+    let p = d.path().join("code3.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -223,7 +224,7 @@ fn invalid_i2_s_code() {
 #[test]
 fn all_zero_ternary_tensor_warns() {
     let d = tmp_dir("zero");
-    let p = d.join("zero.gguf");
+    let p = d.path().join("zero.gguf");
     std::fs::write(
         &p,
         rewrite(&data("gguf/tiny-i2_s.gguf"), |w| {
@@ -251,24 +252,28 @@ fn all_zero_ternary_tensor_warns() {
 fn broken_hf_directories() {
     let d = tmp_dir("hf");
     // config.json that is not JSON.
-    std::fs::write(d.join("config.json"), "{ not json").unwrap();
-    assert!(load_err(&d).contains("config.json"));
+    std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
+    assert!(load_err(d.path()).contains("config.json"));
     // Valid config, truncated safetensors.
-    std::fs::copy(data("checkpoint_packed/config.json"), d.join("config.json")).unwrap();
+    std::fs::copy(
+        data("checkpoint_packed/config.json"),
+        d.path().join("config.json"),
+    )
+    .unwrap();
     let st = std::fs::read(data("checkpoint_packed/model.safetensors")).unwrap();
-    std::fs::write(d.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
-    assert!(load_err(&d).contains("model.safetensors"));
+    std::fs::write(d.path().join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    assert!(load_err(d.path()).contains("model.safetensors"));
     // A config whose sizes do not match the tensors.
     let cfg = std::fs::read_to_string(data("checkpoint_packed/config.json"))
         .unwrap()
         .replace("\"intermediate_size\": 688", "\"intermediate_size\": 700");
-    std::fs::write(d.join("config.json"), cfg).unwrap();
-    std::fs::write(d.join("model.safetensors"), &st).unwrap();
-    let msg = load_err(&d);
+    std::fs::write(d.path().join("config.json"), cfg).unwrap();
+    std::fs::write(d.path().join("model.safetensors"), &st).unwrap();
+    let msg = load_err(d.path());
     assert!(msg.contains("gate_proj") && msg.contains("shape"), "{msg}");
     // Missing weights file.
-    std::fs::remove_file(d.join("model.safetensors")).unwrap();
-    assert!(load_err(&d).contains("model.safetensors"));
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    assert!(load_err(d.path()).contains("model.safetensors"));
 }
 
 #[test]

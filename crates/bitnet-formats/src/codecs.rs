@@ -52,7 +52,6 @@ pub fn tq2_code(block: &[u8], e: usize) -> u8 {
 /// Trit (0, 1, 2) of element `e` of one TQ1_0 block.
 #[inline]
 pub fn tq1_code(block: &[u8], e: usize) -> u8 {
-    const POW3: [u8; 5] = [1, 3, 9, 27, 81];
     let (byte, n) = if e < 160 {
         (block[e % 32], e / 32)
     } else if e < 240 {
@@ -60,9 +59,26 @@ pub fn tq1_code(block: &[u8], e: usize) -> u8 {
     } else {
         (block[48 + (e - 240) % 4], (e - 240) / 4)
     };
-    let q = byte.wrapping_mul(POW3[n]);
-    ((q as u16 * 3) >> 8) as u8
+    TQ1_TRITS[byte as usize][n]
 }
+
+/// The five trits of every TQ1_0 byte, as llama.cpp extracts them: trit n of byte x is
+/// `((x * 3^n mod 256) * 3) >> 8`.
+const TQ1_TRITS: [[u8; 5]; 256] = {
+    const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+    let mut t = [[0u8; 5]; 256];
+    let mut x = 0;
+    while x < 256 {
+        let mut n = 0;
+        while n < 5 {
+            let q = (x as u8).wrapping_mul(POW3[n]);
+            t[x][n] = ((q as u16 * 3) >> 8) as u8;
+            n += 1;
+        }
+        x += 1;
+    }
+    t
+};
 
 /// Decode one row of a row-blocked or plain float type into f32. `row` holds exactly the bytes
 /// of `out.len()` elements. I2_S is not row-blocked: use [`i2s_code`].
@@ -188,19 +204,28 @@ pub fn ternary_row(
             for b in 0..blocks_per_row {
                 let blk = &data[(r * blocks_per_row + b) * bb..][..bb];
                 let d = f16_at(&blk[bb - 2..], 0);
-                let mut nonzero = false;
-                for e in 0..256 {
-                    let c = if dtype == GgmlType::TQ2_0 {
-                        tq2_code(blk, e)
-                    } else {
-                        tq1_code(blk, e)
-                    };
-                    if c > 2 {
-                        bail!("invalid {dtype} code {c} in block {b} of row {r}");
+                let out = &mut codes[b * 256..(b + 1) * 256];
+                if dtype == GgmlType::TQ1_0 {
+                    // Byte by byte through the trit table (the order of `tq1_code`); trits
+                    // are at most 2 by construction.
+                    for (first, count, bytes, trits) in
+                        [(0, 32, 0..32, 5), (160, 16, 32..48, 5), (240, 4, 48..52, 4)]
+                    {
+                        for (m, &x) in blk[bytes].iter().enumerate() {
+                            for n in 0..trits {
+                                out[first + count * n + m] = TQ1_TRITS[x as usize][n];
+                            }
+                        }
                     }
-                    nonzero |= c != 1;
-                    codes[b * 256 + e] = c;
+                } else {
+                    for (e, c) in out.iter_mut().enumerate() {
+                        *c = tq2_code(blk, e);
+                        if *c > 2 {
+                            bail!("invalid {dtype} code {} in block {b} of row {r}", *c);
+                        }
+                    }
                 }
+                let nonzero = out.iter().any(|&c| c != 1);
                 if nonzero && d != 0.0 && !scales.contains(&d) {
                     scales.push(d);
                 }
@@ -209,6 +234,48 @@ pub fn ternary_row(
         }
         _ => bail!("{dtype} is not a ternary type"),
     }
+}
+
+/// Row `r` of a TQ2_0 tensor (`ne0` a multiple of 256) straight into I2_S block bytes (`ne0 /
+/// 4` bytes in `out`, the layout of [`i2s_code`] restarted at the row), returning the block
+/// scales seen (blocks with a non-zero code). The two layouts hold the same 128-element groups
+/// of 32 bytes with element `32k + m` in byte `m`, only in opposite bit order (TQ2_0: bits
+/// 2k..2k+1; I2_S: bits 6-2k..7-2k), so each byte is one table lookup: the repack at load is a
+/// copy, not a per-element decode.
+pub fn tq2_row_to_i2s(data: &[u8], ne0: usize, r: usize, out: &mut [u8]) -> Result<Vec<f32>> {
+    /// Reverse the order of the four 2-bit fields of a byte.
+    const REV2: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut i = 0;
+        while i < 256 {
+            let b = i as u8;
+            t[i] = (b >> 6) | ((b >> 2) & 0x0C) | ((b << 2) & 0x30) | (b << 6);
+            i += 1;
+        }
+        t
+    };
+    debug_assert!(ne0.is_multiple_of(256) && out.len() == ne0 / 4);
+    let bb = GgmlType::TQ2_0.block().1 as usize;
+    let blocks = ne0 / 256;
+    let mut scales = Vec::new();
+    for (b, dst) in out.chunks_exact_mut(64).enumerate().take(blocks) {
+        let blk = &data[(r * blocks + b) * bb..][..bb];
+        let qs = &blk[..64];
+        // Code 3 (0b11) anywhere: a pair of set bits at an even position.
+        if qs.iter().fold(0u8, |acc, &x| acc | (x & (x >> 1) & 0x55)) != 0 {
+            let e = (0..256).find(|&e| tq2_code(blk, e) == 3).unwrap_or(0);
+            bail!("invalid TQ2_0 code 3 at element {e} of block {b} of row {r}");
+        }
+        for (o, &x) in dst.iter_mut().zip(qs) {
+            *o = REV2[x as usize];
+        }
+        let d = f16_at(&blk[64..66], 0);
+        // 0x55: four zeros (code 1).
+        if d != 0.0 && qs.iter().any(|&x| x != 0x55) && !scales.contains(&d) {
+            scales.push(d);
+        }
+    }
+    Ok(scales)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,6 +592,56 @@ mod tests {
         data[5] = 0xC0 | 0x15;
         let mut codes = vec![0u8; 128];
         assert!(ternary_row(GgmlType::I2_S, &data, 128, 128, 0, &mut codes).is_err());
+    }
+
+    #[test]
+    fn tq2_rows_repack_to_i2s_blocks() {
+        let (rows, ne0) = (3, 512);
+        let vals = pseudo_ternary(rows * ne0, 11);
+        let mut data = Vec::new();
+        for (i, row) in vals.chunks(ne0).enumerate() {
+            encode_tq2_0_row(&codes(row), 0.25 * (i + 1) as f32, &mut data).unwrap();
+        }
+        for r in 0..rows {
+            let mut out = vec![0u8; ne0 / 4];
+            let scales = tq2_row_to_i2s(&data, ne0, r, &mut out).unwrap();
+            let mut codes = vec![0u8; ne0];
+            let want = ternary_row(GgmlType::TQ2_0, &data, ne0, rows * ne0, r, &mut codes).unwrap();
+            assert_eq!(scales, want);
+            for (e, &c) in codes.iter().enumerate() {
+                assert_eq!(i2s_code(&out, e), c, "row {r} element {e}");
+            }
+        }
+        // Code 3 is an error that names where it is.
+        let bb = GgmlType::TQ2_0.block().1 as usize;
+        data[bb + 7] |= 0b1100_0000;
+        let mut out = vec![0u8; ne0 / 4];
+        let err = tq2_row_to_i2s(&data, ne0, 0, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block 1 of row 0"), "{err}");
+    }
+
+    /// `ternary_row` reads TQ1_0 byte by byte; `tq1_code` element by element: same codes,
+    /// and both give back what was encoded.
+    #[test]
+    fn tq1_rows_read_every_element() {
+        let (rows, ne0) = (2, 768);
+        let vals = pseudo_ternary(rows * ne0, 5);
+        let mut data = Vec::new();
+        for row in vals.chunks(ne0) {
+            encode_tq1_0_row(&codes(row), 0.5, &mut data).unwrap();
+        }
+        let bb = GgmlType::TQ1_0.block().1 as usize;
+        for r in 0..rows {
+            let mut out = vec![9u8; ne0];
+            ternary_row(GgmlType::TQ1_0, &data, ne0, rows * ne0, r, &mut out).unwrap();
+            for (e, &c) in out.iter().enumerate() {
+                let blk = &data[(r * ne0 / 256 + e / 256) * bb..][..bb];
+                assert_eq!(c, tq1_code(blk, e % 256), "row {r} element {e}");
+                assert_eq!(c as i8 - 1, vals[r * ne0 + e], "row {r} element {e}");
+            }
+        }
     }
 
     #[test]
