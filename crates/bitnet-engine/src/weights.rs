@@ -55,6 +55,19 @@ impl Bytes {
         }
     }
 
+    /// [`Bytes::release_pages`] for the pages that lie wholly inside `range` only: a page
+    /// shared with bytes outside it (another thread's rows, not read yet) stays.
+    pub fn release_whole_pages(&self, range: Range<usize>) {
+        const PAGE: usize = 4096;
+        if let Bytes::Mapped(map, r) = self {
+            let start = (r.start + range.start.min(r.len())).next_multiple_of(PAGE);
+            let end = (r.start + range.end.min(r.len())) / PAGE * PAGE;
+            if start < end {
+                release_map_range(map, start..end);
+            }
+        }
+    }
+
     /// Map the file pages of `range` in one call (`MADV_POPULATE_READ`) rather than one page
     /// fault at a time: a hint, ignored where unsupported.
     pub fn populate(&self, range: Range<usize>) {
@@ -331,7 +344,17 @@ impl Weights {
             HeadType::F16 => self.head_q8 = None,
             HeadType::Q8_0 => {
                 let h = self.head();
-                let q = Q8Matrix::from_rows(h.rows, h.cols, |r, out| h.row(r, out));
+                // Give the F16 pages back as the rows are done, not after the whole head (peak
+                // RSS: the F16 head and its Q8 copy would otherwise be resident together).
+                const RELEASE_ROWS: usize = 256;
+                let q = Q8Matrix::from_rows(h.rows, h.cols, |r, out| {
+                    h.row(r, out);
+                    if (r + 1) % RELEASE_ROWS == 0 {
+                        let rows = r + 1 - RELEASE_ROWS..r + 1;
+                        h.data
+                            .release_whole_pages(rows.start * h.row_bytes..rows.end * h.row_bytes);
+                    }
+                });
                 h.data.release_pages(0..h.data.len());
                 self.head_q8 = Some(q);
             }
