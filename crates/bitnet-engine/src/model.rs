@@ -51,7 +51,7 @@ pub struct LoadOptions {
     /// Copy the weights a decode step streams from the file map into anonymous memory with
     /// huge pages, and drop the file's pages (llama.cpp's `--no-mmap`; see
     /// [`Weights::copy_to_memory`]). Same resident memory, faster generation where huge pages
-    /// are granted (docs/PERFORMANCE.md), at the cost of under a second of load and memory the
+    /// are granted (docs/PERFORMANCE.md), at the cost of about a second of load and memory the
     /// kernel cannot drop under pressure.
     pub no_mmap: bool,
 }
