@@ -28,9 +28,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Copy the model's ternary weights into memory instead of reading them from the
-    /// memory-mapped file (as llama.cpp's --no-mmap): same resident memory, a little slower to
-    /// load, faster generation on some machines (docs/PERFORMANCE.md).
+    /// Copy the weights each token reads (ternary matrices, output head) into memory with huge
+    /// pages instead of reading them from the memory-mapped file (as llama.cpp's --no-mmap):
+    /// same resident memory, slower to load, faster generation on some machines
+    /// (docs/PERFORMANCE.md).
     #[arg(long, global = true)]
     no_mmap: bool,
 }

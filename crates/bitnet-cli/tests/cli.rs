@@ -244,31 +244,10 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
     }
     assert_eq!(greedy, format!("{}\n", tok.decode(&out)));
     // `--no-mmap` (global, before or after the subcommand) only changes where the weights live.
+    let base = ["run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0"];
     for args in [
-        vec![
-            "--no-mmap",
-            "run",
-            "-m",
-            &m,
-            "-p",
-            "Hello",
-            "-n",
-            "12",
-            "--temp",
-            "0",
-        ],
-        vec![
-            "run",
-            "-m",
-            &m,
-            "-p",
-            "Hello",
-            "-n",
-            "12",
-            "--temp",
-            "0",
-            "--no-mmap",
-        ],
+        [&["--no-mmap"][..], &base].concat(),
+        [&base[..], &["--no-mmap"]].concat(),
     ] {
         assert_eq!(stdout(&bitnet(&args)), greedy, "{args:?}");
     }

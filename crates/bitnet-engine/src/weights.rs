@@ -58,10 +58,8 @@ impl Bytes {
     /// [`Bytes::release_pages`] for the pages that lie wholly inside `range` only: a page
     /// shared with bytes outside it (another thread's rows, not read yet) stays.
     pub fn release_whole_pages(&self, range: Range<usize>) {
-        const PAGE: usize = 4096;
-        if let Bytes::Mapped(map, r) = self {
-            let start = (r.start + range.start.min(r.len())).next_multiple_of(PAGE);
-            let end = (r.start + range.end.min(r.len())) / PAGE * PAGE;
+        if let Some((map, r)) = self.file_range(range) {
+            let (start, end) = (r.start.next_multiple_of(PAGE), r.end / PAGE * PAGE);
             if start < end {
                 release_map_range(map, start..end);
             }
@@ -72,12 +70,10 @@ impl Bytes {
     /// fault at a time: a hint, ignored where unsupported.
     pub fn populate(&self, range: Range<usize>) {
         #[cfg(target_os = "linux")]
-        if let Bytes::Mapped(map, r) = self {
-            let start = r.start + range.start.min(r.len());
-            let end = r.start + range.end.min(r.len());
+        if let Some((map, r)) = self.file_range(range) {
             // Page-aligned start, as madvise requires.
-            let page = start & !4095;
-            let _ = map.advise_range(memmap2::Advice::PopulateRead, page, end.max(start) - page);
+            let page = r.start / PAGE * PAGE;
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, page, r.end - page);
         }
     }
 
@@ -85,13 +81,25 @@ impl Bytes {
     /// they are read from the file again if touched. Nothing for owned or anonymous bytes
     /// (dropping those would lose them).
     pub fn release_pages(&self, range: Range<usize>) {
-        if let Bytes::Mapped(map, r) = self {
-            let start = r.start + range.start.min(r.len());
-            let end = r.start + range.end.min(r.len());
-            release_map_range(map, start..end.max(start));
+        if let Some((map, r)) = self.file_range(range) {
+            release_map_range(map, r);
         }
     }
+
+    /// The file map and the offsets in it of `range` (offsets into these bytes, clamped to
+    /// them); `None` unless the bytes are file-mapped.
+    fn file_range(&self, range: Range<usize>) -> Option<(&Mmap, Range<usize>)> {
+        let Bytes::Mapped(map, r) = self else {
+            return None;
+        };
+        let start = r.start + range.start.min(r.len());
+        let end = r.start + range.end.min(r.len());
+        Some((map, start..end.max(start)))
+    }
 }
+
+/// Page size assumed when rounding to whole pages (madvise itself checks alignment).
+const PAGE: usize = 4096;
 
 /// `madvise(DONTNEED)` on part of a read-only file mapping (rounded out to whole pages).
 fn release_map_range(map: &Mmap, range: Range<usize>) {
@@ -618,12 +626,7 @@ impl LinearSource {
                         // Rows are whole blocks: the file layout is the runtime layout. Only
                         // validate.
                         let codes = &data[..n / 4];
-                        if codes
-                            .par_chunks(4096)
-                            // A branch-free fold per chunk (vectorised), not a byte-by-byte
-                            // early exit.
-                            .any(|c| c.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1) & 0x55)) != 0)
-                        {
+                        if codes.par_chunks(4096).any(codecs::has_code_3) {
                             bail!("tensor {name:?} contains the invalid I2_S code 3");
                         }
                         let range = self.range.start..self.range.start + n / 4;

@@ -236,6 +236,15 @@ pub fn ternary_row(
     }
 }
 
+/// Whether any 2-bit field of `bytes` holds 3 (0b11, invalid in I2_S and TQ2_0): a branch-free
+/// fold (vectorised), not a byte-by-byte early exit.
+pub fn has_code_3(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(0u8, |acc, &b| acc | (b & (b >> 1) & 0x55))
+        != 0
+}
+
 /// Row `r` of a TQ2_0 tensor (`ne0` a multiple of 256) straight into I2_S block bytes (`ne0 /
 /// 4` bytes in `out`, the layout of [`i2s_code`] restarted at the row), returning the block
 /// scales seen (blocks with a non-zero code). The two layouts hold the same 128-element groups
@@ -261,8 +270,7 @@ pub fn tq2_row_to_i2s(data: &[u8], ne0: usize, r: usize, out: &mut [u8]) -> Resu
     for (b, dst) in out.chunks_exact_mut(64).enumerate().take(blocks) {
         let blk = &data[(r * blocks + b) * bb..][..bb];
         let qs = &blk[..64];
-        // Code 3 (0b11) anywhere: a pair of set bits at an even position.
-        if qs.iter().fold(0u8, |acc, &x| acc | (x & (x >> 1) & 0x55)) != 0 {
+        if has_code_3(qs) {
             let e = (0..256).find(|&e| tq2_code(blk, e) == 3).unwrap_or(0);
             bail!("invalid TQ2_0 code 3 at element {e} of block {b} of row {r}");
         }
