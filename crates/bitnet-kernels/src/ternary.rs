@@ -229,31 +229,16 @@ pub fn gemm_rows(
                     // Decode: one row at a time, so the weights are one sequential stream (two
                     // interleaved 640-byte rows defeat the hardware prefetcher: half the speed
                     // when streaming from memory).
-                    drive::<1, 4>(
-                        avx2::tile::<1, 4>,
-                        avx2::gemv::<1>,
-                        avx2::tile::<1, 4>,
-                        avx2::gemv::<1>,
-                        w,
-                        q,
-                        qsum,
-                        n_tok,
-                        rows,
-                        out,
-                    )
+                    let nb = w.kp / BLOCK;
+                    for r in rows {
+                        let row = [w.data.as_ptr().add(r * w.kp / 4)];
+                        for t in 0..n_tok {
+                            let s = avx2::gemv::<1>(&row, &[q.as_ptr().add(t * w.kp)], nb);
+                            out[t * w.rows + r] = s[0][0] - qsum[t];
+                        }
+                    }
                 } else {
-                    drive::<2, 4>(
-                        avx2::tile::<2, 4>,
-                        avx2::gemv::<2>,
-                        avx2::tile::<1, 4>,
-                        avx2::gemv::<1>,
-                        w,
-                        q,
-                        qsum,
-                        n_tok,
-                        rows,
-                        out,
-                    )
+                    avx2::gemm_blocked(w, q, qsum, n_tok, rows, out)
                 }
             }
         }
@@ -393,65 +378,160 @@ mod avx2 {
     /// Software prefetch distance of the GEMV, in bytes (0 = off).
     const PREFETCH: usize = 1024;
 
-    /// R rows x T tokens: each 32-byte block is unpacked once into four 32-code vectors
-    /// (shift, mask) and multiplied with T tokens' activations (`maddubs`), accumulating in
-    /// i16 for up to `FLUSH` blocks, then widened to i32 (`madd` by 1).
+    /// Blocks per k-chunk of the blocked GEMM. Two reasons: the products of one chunk stay
+    /// within i16 (each block adds at most 4 * 2 * 2 * 128 = 2048 in magnitude per lane, and
+    /// 15 * 2048 = 30720), so a chunk needs no i32 accumulators; and eight tokens' activations
+    /// for one chunk (15 KiB) stay in L1 while the rows stream past them.
+    const CHUNK: usize = 15;
+
+    /// Rows per row chunk of the blocked GEMM: their weights for one k-chunk (256 * 15 * 32
+    /// bytes = 120 KiB) stay in L2 while every group of eight tokens passes over them.
+    const ROW_CHUNK: usize = 256;
+
+    /// How many rows ahead the blocked GEMM prefetches.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// Sum of eight i32 vectors' lanes, one sum per vector, in order.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn tile<const R: usize, const T: usize>(
-        w: &[*const u8; R],
+    unsafe fn hsum8(v: &[__m256i; 8]) -> __m256i {
+        let a = _mm256_hadd_epi32(v[0], v[1]);
+        let b = _mm256_hadd_epi32(v[2], v[3]);
+        let c = _mm256_hadd_epi32(v[4], v[5]);
+        let d = _mm256_hadd_epi32(v[6], v[7]);
+        let ab = _mm256_hadd_epi32(a, b); // low lanes: v0..v3 (low halves), high: (high halves)
+        let cd = _mm256_hadd_epi32(c, d);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(ab, cd),
+            _mm256_permute2x128_si256::<0x31>(ab, cd),
+        )
+    }
+
+    /// One row x T tokens (T <= 8) over blocks `b0..b1` (at most `CHUNK`): `sum c*q` per
+    /// token. Each block is loaded once and unpacked into four code vectors (shift, mask);
+    /// each code vector meets every token's activations (`maddubs`, the activations straight
+    /// from L1), into one i16 accumulator per token: T + 3 registers, no spills for T = 8.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_tokens<const T: usize>(
+        w: *const u8,
         q: &[*const i8; T],
-        nb: usize,
-    ) -> [[i32; T]; R] {
+        b0: usize,
+        b1: usize,
+    ) -> [i32; 8] {
+        debug_assert!(T <= 8 && b1 - b0 <= CHUNK);
         let mask = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_si256(); T];
+        for b in b0..b1 {
+            let wv = _mm256_loadu_si256(w.add(32 * b) as *const __m256i);
+            macro_rules! step {
+                ($k:expr, $c:expr) => {
+                    let c = _mm256_and_si256($c, mask);
+                    for j in 0..T {
+                        let qv = _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
+                        acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(c, qv));
+                    }
+                };
+            }
+            step!(0, _mm256_srli_epi16::<6>(wv));
+            step!(1, _mm256_srli_epi16::<4>(wv));
+            step!(2, _mm256_srli_epi16::<2>(wv));
+            step!(3, wv);
+        }
         let ones = _mm256_set1_epi16(1);
-        let mut acc32 = [[_mm256_setzero_si256(); T]; R];
-        let mut b = 0;
-        while b < nb {
-            let end = (b + FLUSH).min(nb);
-            let mut acc = [[_mm256_setzero_si256(); T]; R];
-            while b < end {
-                let mut wv = [_mm256_setzero_si256(); R];
-                for i in 0..R {
-                    wv[i] = _mm256_loadu_si256(w[i].add(32 * b) as *const __m256i);
-                }
-                macro_rules! step {
-                    ($k:expr, $c:expr) => {
-                        let mut c = [_mm256_setzero_si256(); R];
-                        for i in 0..R {
-                            c[i] = _mm256_and_si256($c(wv[i]), mask);
-                        }
-                        for j in 0..T {
-                            let qv =
-                                _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
-                            for i in 0..R {
-                                acc[i][j] =
-                                    _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(c[i], qv));
-                            }
-                        }
-                    };
-                }
-                step!(0, |v| _mm256_srli_epi16::<6>(v));
-                step!(1, |v| _mm256_srli_epi16::<4>(v));
-                step!(2, |v| _mm256_srli_epi16::<2>(v));
-                step!(3, |v| v);
-                b += 1;
-            }
-            for i in 0..R {
-                for j in 0..T {
-                    acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc[i][j], ones));
-                }
-            }
+        let mut wide = [_mm256_setzero_si256(); 8];
+        for j in 0..T {
+            wide[j] = _mm256_madd_epi16(acc[j], ones);
         }
-        let mut out = [[0i32; T]; R];
-        for i in 0..R {
-            for j in 0..T {
-                out[i][j] = hsum_epi32(acc32[i][j]);
-            }
-        }
+        let mut out = [0i32; 8];
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, hsum8(&wide));
         out
     }
 
-    /// One token, R rows: fewer operations per block than `tile`. With `s = w >> 4`, the
+    /// Every row of `rows` against T tokens from `t`, over blocks `b0..b1`: the first chunk
+    /// (`first`) writes `sum - qsum`, later ones add.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pass<const T: usize>(
+        w: super::TernaryView,
+        q: &[i8],
+        qsum: &[i32],
+        t: usize,
+        rows: std::ops::Range<usize>,
+        (b0, b1, first): (usize, usize, bool),
+        out: &mut [i32],
+    ) {
+        let tok: [*const i8; T] = std::array::from_fn(|j| q.as_ptr().add((t + j) * w.kp));
+        for r in rows.clone() {
+            // This chunk's part of a row a few rows ahead: the rows are read piecewise (one
+            // k-chunk at a time), a pattern the hardware prefetchers follow poorly.
+            if r + PREFETCH_ROWS < rows.end {
+                let ahead = w
+                    .data
+                    .as_ptr()
+                    .add((r + PREFETCH_ROWS) * w.kp / 4 + 32 * b0);
+                let mut off = 0;
+                while off < 32 * (b1 - b0) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(off) as *const i8);
+                    off += 64;
+                }
+            }
+            let s = row_tokens::<T>(w.data.as_ptr().add(r * w.kp / 4), &tok, b0, b1);
+            for j in 0..T {
+                let o = &mut out[(t + j) * w.rows + r];
+                *o = if first { s[j] - qsum[t + j] } else { *o + s[j] };
+            }
+        }
+    }
+
+    /// The GEMM for four or more tokens, blocked for the caches: row chunks whose weights
+    /// stay in L2, k-chunks whose products stay in i16, groups of eight tokens (then 4, 2, 1)
+    /// whose activations stay in L1. Each weight byte comes from memory once per call.
+    ///
+    /// # Safety
+    /// AVX2; sizes as checked by `gemm_rows`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemm_blocked(
+        w: super::TernaryView,
+        q: &[i8],
+        qsum: &[i32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [i32],
+    ) {
+        let nb = w.kp / super::BLOCK;
+        let n_chunks = nb.div_ceil(CHUNK);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let rc = r0..(r0 + ROW_CHUNK).min(rows.end);
+            for ci in 0..n_chunks {
+                // Near-equal chunks, each at most CHUNK blocks.
+                let ch = (ci * nb / n_chunks, (ci + 1) * nb / n_chunks, ci == 0);
+                let mut t = 0;
+                while t < n_tok {
+                    let left = n_tok - t;
+                    let rc = rc.clone();
+                    t += if left >= 8 {
+                        pass::<8>(w, q, qsum, t, rc, ch, out);
+                        8
+                    } else if left >= 4 {
+                        pass::<4>(w, q, qsum, t, rc, ch, out);
+                        4
+                    } else if left >= 2 {
+                        pass::<2>(w, q, qsum, t, rc, ch, out);
+                        2
+                    } else {
+                        pass::<1>(w, q, qsum, t, rc, ch, out);
+                        1
+                    };
+                }
+            }
+            r0 = rc.end;
+        }
+    }
+
+    /// One token, R rows: fewer operations per block than `row_tokens`. With `s = w >> 4`, the
     /// masks `0x0C` and `0x03` give all four code vectors from one shift: `s & 0x0C` = 4 * c0,
     /// `s & 0x03` = c1, `w & 0x0C` = 4 * c2, `w & 0x03` = c3. Products of the two scaled
     /// vectors go to their own i16 accumulator (at most 2 * 2 * 8 * 128 = 4096 per block, so 8
@@ -620,7 +700,7 @@ mod tests {
         }
     }
 
-    /// Odd shapes: rows and token counts that are not multiples of any tile (2x4, 4x4) nor of
+    /// Odd shapes: rows and token counts that are not multiples of any tile (1x8, 4x4) nor of
     /// the token block, row lengths that need padding, long rows that cross several i16 flushes.
     const SHAPES: &[(usize, usize, usize)] = &[
         (1, 1, 1),
@@ -633,6 +713,11 @@ mod tests {
         (3, 130 * 17, 2),
         (9, 384, 37),
         (2, 6912, 1),
+        // The AVX2 blocked GEMM: more rows than one row chunk (256), several k-chunks (16, 54
+        // blocks), token groups of 8 + 2 + 1 and 4 + 2.
+        (300, 2000, 11),
+        (4, 6912, 8),
+        (261, 130, 6),
     ];
 
     struct Case {
@@ -736,7 +821,7 @@ mod tests {
             for r in 0..rows {
                 pack_row(&vec![code; kp], &mut packed[r * kp / 4..(r + 1) * kp / 4]);
             }
-            for n_tok in [1, 4, 5] {
+            for n_tok in [1, 4, 5, 8, 9] {
                 let q = vec![act; n_tok * kp];
                 let qsum = vec![act as i32 * kp as i32; n_tok];
                 let want = (code as i32 - 1) * act as i32 * kp as i32;
