@@ -4,6 +4,7 @@
 //! thresholds for the Rust engine", f32 engine); each is restated where it is used.
 
 use bitnet_engine::config::Activation;
+use bitnet_engine::model::MAX_CHUNK;
 use bitnet_engine::{Model, Session};
 use bitnet_kernels::quant::quantize_row;
 use safetensors::SafeTensors;
@@ -386,6 +387,25 @@ fn chunked_prefill_is_bit_identical_to_one_pass() {
     for chunk in [&toks[..5], &toks[5..6], &toks[6..40], &toks[40..]] {
         pieces.extend_from_slice(model.forward(&mut b, chunk, true).unwrap());
     }
+    assert_eq!(whole, pieces);
+}
+
+/// A prompt longer than `MAX_CHUNK` in one call is split inside `forward`; the result must
+/// be exactly that of feeding the pieces one call at a time.
+#[test]
+fn prompt_longer_than_a_chunk_is_bit_identical_to_pieces() {
+    let model = Model::load(&data_dir().join("gguf/tiny-i2_s.gguf")).unwrap();
+    let base = prompt("len64");
+    let n = 2 * MAX_CHUNK + 3;
+    let toks: Vec<u32> = base.iter().cycle().take(n).copied().collect();
+    let mut a = model.new_session(n);
+    let whole = model.forward(&mut a, &toks, true).unwrap().to_vec();
+    let mut b = model.new_session(n);
+    let mut pieces = Vec::new();
+    for chunk in toks.chunks(MAX_CHUNK - 7) {
+        pieces.extend_from_slice(model.forward(&mut b, chunk, true).unwrap());
+    }
+    assert_eq!(whole.len(), n * model.config.n_vocab);
     assert_eq!(whole, pieces);
 }
 
