@@ -20,6 +20,23 @@ pub fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
 }
 
+/// A row of little-endian F16 to f32. Rows in a mapped file are 2-byte aligned (GGUF aligns
+/// tensor data to 32 bytes), so on a little-endian CPU the bytes are read as `f16` in place
+/// and converted with `half`'s slice conversion (F16C, 8 at a time, where the CPU has it:
+/// about 10x faster than element by element); anything else takes the element-wise path.
+fn f16_row(row: &[u8], out: &mut [f32]) {
+    // SAFETY: every bit pattern is a valid f16; `align_to` only returns the aligned middle.
+    let (head, mid, tail) = unsafe { row.align_to::<f16>() };
+    if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        use half::slice::HalfFloatSliceExt;
+        mid.convert_to_f32_slice(out);
+    } else {
+        out.iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f16_at(row, i));
+    }
+}
+
 #[inline]
 pub fn bf16_at(b: &[u8], i: usize) -> f32 {
     bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
@@ -99,10 +116,7 @@ pub fn dequantize_row(dtype: GgmlType, row: &[u8], out: &mut [f32]) -> Result<()
             .iter_mut()
             .enumerate()
             .for_each(|(i, o)| *o = f32_at(row, i)),
-        GgmlType::F16 => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = f16_at(row, i)),
+        GgmlType::F16 => f16_row(row, out),
         GgmlType::BF16 => out
             .iter_mut()
             .enumerate()
@@ -667,6 +681,25 @@ mod tests {
             let mut codes = vec![0u8; 512];
             let scales = ternary_row(dtype, &data, 512, 512, 0, &mut codes).unwrap();
             assert_eq!(scales, vec![0.5]);
+        }
+    }
+
+    /// The F16 row decoder, on an aligned and a misaligned copy of the same bytes (the
+    /// slice-conversion and the element-wise paths), equals the element-wise decoder bit for
+    /// bit on every 16-bit pattern (normals, subnormals, infinities, NaNs).
+    #[test]
+    fn f16_rows_decode_every_pattern_on_both_paths() {
+        let bytes: Vec<u8> = (0..=u16::MAX).flat_map(|v| v.to_le_bytes()).collect();
+        let n = bytes.len() / 2;
+        let mut buf = vec![0u8; bytes.len() + 1];
+        for shift in [0, 1] {
+            // One of the two offsets is 2-byte aligned and the other is not.
+            buf[shift..shift + bytes.len()].copy_from_slice(&bytes);
+            let mut out = vec![0f32; n];
+            dequantize_row(GgmlType::F16, &buf[shift..shift + bytes.len()], &mut out).unwrap();
+            for (i, o) in out.iter().enumerate() {
+                assert_eq!(o.to_bits(), f16_at(&bytes, i).to_bits(), "pattern {i:#06x}");
+            }
         }
     }
 

@@ -13,15 +13,32 @@ pub const QK: usize = 32;
 /// Quantize one block (`x.len() <= 32`, missing values are zero) into `q`; returns `d`.
 /// ggml's reference rounding: `d = amax / 127`, `q = round(x * (1 / d))`, halves away from 0.
 pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // A whole block of 32 in a fixed-size array, so the loops below vectorise.
+    let mut b = [0f32; QK];
+    b[..x.len()].copy_from_slice(x);
+    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    for (i, qi) in q.iter_mut().enumerate().take(QK) {
-        *qi = x
-            .get(i)
-            .map_or(0, |&v| (v * id).round().clamp(-127.0, 127.0) as i8);
+    for (qi, &v) in q[..QK].iter_mut().zip(&b) {
+        *qi = round_to_i8(v * id);
     }
     d
+}
+
+/// `x.round().clamp(-127.0, 127.0) as i8` (halves away from zero, NaN to 0) in a form that
+/// vectorises: no libm `round` call (15% of requantizing the head), no saturating casts.
+/// Clamping first changes nothing (the bounds are integers), and then `x - trunc(x)` is exact,
+/// so comparing it with 0.5 decides the rounding exactly.
+#[inline]
+fn round_to_i8(x: f32) -> i8 {
+    let x = if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-127.0, 127.0)
+    };
+    let t = x as i32; // truncates; in range
+    let f = x - t as f32;
+    (t + (f >= 0.5) as i32 - (f <= -0.5) as i32) as i8
 }
 
 /// A row-major matrix in 8-bit blocks: row r is `qs[r * cp..(r + 1) * cp]` (cp = cols rounded
@@ -207,6 +224,37 @@ unsafe fn dot4_avx2(
 mod tests {
     use super::*;
     use crate::test_rng::Lcg;
+
+    /// Equal to the plain `round`, clamp and cast on every float near a half in -128..=128, a
+    /// dense sweep, out-of-range values, infinities and NaN.
+    #[test]
+    fn round_to_i8_is_round_clamp_cast() {
+        let mut xs: Vec<f32> = (-128 * 2..=128 * 2).map(|i| i as f32 / 2.0).collect();
+        for &h in xs.clone().iter() {
+            xs.push(f32::from_bits(h.to_bits() + 1));
+            xs.push(f32::from_bits(h.to_bits().wrapping_sub(1)));
+        }
+        xs.extend((0..1_000_000).map(|i| -128.0 + i as f32 * 256.0 / 1_000_000.0));
+        xs.extend([0.0, -0.0, 0.49999997, -0.49999997, 1e-30, -1e-30]);
+        xs.extend([
+            127.5,
+            -127.5,
+            128.0,
+            -129.0,
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ]);
+        xs.push(f32::NAN);
+        for x in xs {
+            assert_eq!(
+                round_to_i8(x),
+                x.round().clamp(-127.0, 127.0) as i8,
+                "{x:e}"
+            );
+        }
+    }
 
     #[test]
     fn blocks_round_trip_within_half_a_step() {
