@@ -139,19 +139,21 @@ pub fn print_warnings(warnings: &[String]) {
     }
 }
 
-/// `--no-mmap` (a global option, set once by `main`).
-static NO_MMAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The global load options (`--no-mmap`, `--kv-type`), set once by `main`.
+static GLOBAL_LOAD: std::sync::OnceLock<bitnet_engine::model::LoadOptions> =
+    std::sync::OnceLock::new();
 
-pub fn set_no_mmap(on: bool) {
-    NO_MMAP.store(on, std::sync::atomic::Ordering::Relaxed);
+pub fn set_global_load_options(no_mmap: bool, kv_type: bitnet_engine::model::KvType) {
+    let _ = GLOBAL_LOAD.set(bitnet_engine::model::LoadOptions {
+        no_mmap,
+        kv_type,
+        ..Default::default()
+    });
 }
 
 /// How every command loads a model (the global options).
 pub fn load_options() -> bitnet_engine::model::LoadOptions {
-    bitnet_engine::model::LoadOptions {
-        no_mmap: NO_MMAP.load(std::sync::atomic::Ordering::Relaxed),
-        ..Default::default()
-    }
+    GLOBAL_LOAD.get().cloned().unwrap_or_default()
 }
 
 /// Load a model (a path or a Hub reference, see [`resolve_model`]) and print its load-time

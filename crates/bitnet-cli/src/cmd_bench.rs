@@ -363,6 +363,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "backends": "CPU",
                     "isa": model.isa.name(),
                     "head_type": head_type,
+                    "type_k": model.kv_type.name(),
+                    "type_v": model.kv_type.name(),
                     "n_threads": r.n_threads,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,

@@ -34,6 +34,11 @@ struct Cli {
     /// (docs/PERFORMANCE.md).
     #[arg(long, global = true)]
     no_mmap: bool,
+    /// Element type of the KV cache: f32 (keys and values kept exactly) or f16 (half the
+    /// cache's memory and of the bytes each token reads from it, as llama.cpp's default; logits
+    /// move slightly).
+    #[arg(long, global = true, default_value = "f32")]
+    kv_type: String,
 }
 
 #[derive(Subcommand)]
@@ -75,7 +80,14 @@ fn main() -> ExitCode {
         _ => a,
     });
     let cli = Cli::parse_from(args);
-    args::set_no_mmap(cli.no_mmap);
+    let kv_type = match cli.kv_type.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --kv-type: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    args::set_global_load_options(cli.no_mmap, kv_type);
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a),
         Command::Chat(a) => cmd_chat::run(a),

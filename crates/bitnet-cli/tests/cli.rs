@@ -220,7 +220,34 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
         "run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0",
     ]));
     // The library's own greedy continuation of the same prompt.
-    let model = bitnet_engine::Model::load(std::path::Path::new(&m)).unwrap();
+    let path = std::path::Path::new(&m);
+    assert_eq!(greedy, library_greedy(path, Default::default()));
+    // `--no-mmap` (global, before or after the subcommand) only changes where the weights live.
+    let base = ["run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0"];
+    for args in [
+        [&["--no-mmap"][..], &base].concat(),
+        [&base[..], &["--no-mmap"]].concat(),
+    ] {
+        assert_eq!(stdout(&bitnet(&args)), greedy, "{args:?}");
+    }
+    // `--kv-type f16` runs with an f16 cache: the library's greedy text with one.
+    let f16 = bitnet_engine::model::LoadOptions {
+        kv_type: bitnet_engine::model::KvType::F16,
+        ..Default::default()
+    };
+    let args = [&base[..], &["--kv-type", "f16"]].concat();
+    assert_eq!(
+        stdout(&bitnet(&args)),
+        library_greedy(path, f16),
+        "{args:?}"
+    );
+    let args = [&base[..], &["--kv-type", "q4_0"]].concat();
+    assert!(one_line_error(&bitnet(&args)).contains("q4_0"));
+}
+
+/// Twelve greedy tokens after "Hello" from the library, with a newline as `bitnet run` ends.
+fn library_greedy(path: &std::path::Path, opts: bitnet_engine::model::LoadOptions) -> String {
+    let model = bitnet_engine::Model::load_with(path, &opts).unwrap();
     let tok = model.tokenizer.clone().unwrap();
     let mut ids = tok.encode("Hello", true).unwrap();
     let mut s = model.new_session(64);
@@ -242,15 +269,7 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
         ids.push(next);
         logits = model.forward(&mut s, &[next], false).unwrap().to_vec();
     }
-    assert_eq!(greedy, format!("{}\n", tok.decode(&out)));
-    // `--no-mmap` (global, before or after the subcommand) only changes where the weights live.
-    let base = ["run", "-m", &m, "-p", "Hello", "-n", "12", "--temp", "0"];
-    for args in [
-        [&["--no-mmap"][..], &base].concat(),
-        [&base[..], &["--no-mmap"]].concat(),
-    ] {
-        assert_eq!(stdout(&bitnet(&args)), greedy, "{args:?}");
-    }
+    format!("{}\n", tok.decode(&out))
 }
 
 #[test]

@@ -353,6 +353,10 @@ fn bench_reports_llama_bench_records() {
         ] {
             assert!(r.get(key).is_some(), "missing {key}: {r}");
         }
+        assert_eq!(
+            (r["type_k"].as_str(), r["type_v"].as_str()),
+            (Some("f32"), Some("f32"))
+        );
         let avg = r["avg_ts"].as_f64().unwrap();
         let sd = r["stddev_ts"].as_f64().unwrap();
         assert!(
@@ -377,6 +381,24 @@ fn bench_reports_llama_bench_records() {
             }
         );
     }
+    // `--kv-type f16` reaches the engine (llama-bench's type_k / type_v keys).
+    let out = ok(bitnet(&[
+        "bench",
+        "-m",
+        m,
+        "-p",
+        "8",
+        "-n",
+        "0",
+        "-r",
+        "1",
+        "--json",
+        "--kv-type",
+        "f16",
+    ]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["type_k"].as_str(), Some("f16"), "{v}");
+    assert_eq!(v[0]["type_v"].as_str(), Some("f16"), "{v}");
 
     // The markdown table.
     let out = ok(bitnet(&[

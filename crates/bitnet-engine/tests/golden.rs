@@ -533,10 +533,55 @@ fn falcon_family_configuration_comes_from_the_files() {
 
 /// Continuous batching: sequences run together give exactly the logits they give alone
 /// (every per-token computation is independent of the batch).
+/// An f16 KV cache (`--kv-type f16`) rounds keys and values, so the strict single-token bar
+/// (1e-4, met by f32) does not apply: the int8 activation after attention can round the
+/// other way. Every row, single-token ones included, must still meet the multi-token bars of
+/// the golden README (cosine >= 0.998, max |d| <= 0.6, mean <= 0.06, same argmax where the
+/// margin > 0.5), and a session cannot silently change cache type.
+#[test]
+fn f16_kv_cache_meets_the_multi_token_bars() {
+    use bitnet_engine::model::{KvType, LoadOptions};
+    let opts = LoadOptions {
+        kv_type: KvType::F16,
+        ..Default::default()
+    };
+    for (model_rel, golden_rel) in [
+        ("gguf/tiny-i2_s.gguf", "gguf/golden_gguf-i2_s.safetensors"),
+        ("checkpoint_packed", "golden_packed.safetensors"),
+    ] {
+        let mut model = Model::load_with(&data_dir().join(model_rel), &opts).unwrap();
+        let golden = load_tensors(golden_rel);
+        for p in ["len1", "len7", "len64"] {
+            let mut s = model.new_session(128);
+            assert_eq!(s.kv_type(), KvType::F16);
+            let got = model.forward(&mut s, &prompt(p), true).unwrap().to_vec();
+            let want = &golden[&format!("{p}.logits_all")].1;
+            assert_rows_close(
+                &format!("{model_rel} {p} f16 KV"),
+                &got,
+                want,
+                model.config.n_vocab,
+            );
+        }
+        let mut s = model.new_session(16);
+        model.kv_type = KvType::F32;
+        let err = model.forward(&mut s, &prompt("len7"), false).unwrap_err();
+        assert!(err.to_string().contains("KV cache holds f16"), "{err}");
+    }
+}
+
 #[test]
 fn batched_sequences_equal_separate_runs() {
+    use bitnet_engine::model::KvType;
+    let mut model = Model::load(&data_dir().join("gguf/tiny-tq1_0.gguf")).unwrap();
+    for kv in [KvType::F32, KvType::F16] {
+        model.kv_type = kv;
+        batched_equal_separate(&model);
+    }
+}
+
+fn batched_equal_separate(model: &Model) {
     use bitnet_engine::model::{BatchItem, Workspace};
-    let model = Model::load(&data_dir().join("gguf/tiny-tq1_0.gguf")).unwrap();
     let v = model.config.n_vocab;
     let a: Vec<u32> = prompt("len64")[..20].to_vec();
     let b: Vec<u32> = prompt("len7");

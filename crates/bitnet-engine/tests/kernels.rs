@@ -147,7 +147,11 @@ fn q8_0_head_stays_close_to_the_f16_head() {
 fn no_mmap_moves_streamed_weights_and_changes_nothing_else() {
     use bitnet_engine::model::HeadType;
     use bitnet_engine::weights::Bytes;
-    let opts = |no_mmap, head_type| LoadOptions { no_mmap, head_type };
+    let opts = |no_mmap, head_type| LoadOptions {
+        no_mmap,
+        head_type,
+        ..Default::default()
+    };
     for rel in [
         "gguf/tiny-i2_s.gguf",
         "gguf/tiny-tq2_0.gguf",

@@ -20,13 +20,62 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Element types of a KV cache: f32, or f16 (half the memory, and half the bytes each decoded
+/// token reads from the cache; llama.cpp's default). The attention kernels below take either.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// The AVX2 + FMA (+ F16C for f16) kernels for this element type.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn scores_avx2(q: &[f32], keys: &[Self], stride: usize, scale: f32, scores: &mut [f32]);
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn values_avx2(p: &[f32], values: &[Self], stride: usize, out: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn scores_avx2(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+        for (j, sc) in scores.iter_mut().enumerate() {
+            *sc = dot_f32_avx2(q, keys.get_unchecked(j * stride..j * stride + q.len())) * scale;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn values_avx2(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+        attn_values_f32_avx2(p, values, stride, out)
+    }
+}
+
+impl KvElem for f16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn scores_avx2(q: &[f32], keys: &[f16], stride: usize, scale: f32, scores: &mut [f32]) {
+        for (j, sc) in scores.iter_mut().enumerate() {
+            let row = keys.as_ptr().add(j * stride) as *const u8;
+            *sc = dot_f16_avx2(std::slice::from_raw_parts(row, 2 * q.len()), q) * scale;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn values_avx2(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        attn_values_f16_avx2(p, values, stride, out)
+    }
+}
+
 /// Attention scores of one query head: `scores[j] = scale * (q . key_j)`, where key j is
 /// `keys[j * stride..][..q.len()]` (a KV cache row). One call per (token, head), so the loop
 /// over keys runs inside the SIMD code.
-pub fn attn_scores(
+pub fn attn_scores<T: KvElem>(
     isa: Isa,
     q: &[f32],
-    keys: &[f32],
+    keys: &[T],
     stride: usize,
     scale: f32,
     scores: &mut [f32],
@@ -38,19 +87,37 @@ pub fn attn_scores(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
-            attn_scores_avx2(q, keys, stride, scale, scores)
+            T::scores_avx2(q, keys, stride, scale, scores)
         },
         _ => {
             for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot_f32(q, &keys[j * stride..][..hd]) * scale;
+                *sc = dot_kv(q, &keys[j * stride..][..hd]) * scale;
             }
         }
     }
 }
 
+/// [`dot_f32`] with the second operand converted from the cache's element type (the same
+/// order of additions, so f32 caches give exactly `dot_f32`).
+fn dot_kv<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0f32; 8];
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for i in 0..8 {
+            acc[i] += a[c * 8 + i] * b[c * 8 + i].to_f32();
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..n {
+        s += a[i] * b[i].to_f32();
+    }
+    s
+}
+
 /// Attention output of one head: `out = sum_j p[j] * value_j`, value j being
 /// `values[j * stride..][..out.len()]`.
-pub fn attn_values(isa: Isa, p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+pub fn attn_values<T: KvElem>(isa: Isa, p: &[f32], values: &[T], stride: usize, out: &mut [f32]) {
     let hd = out.len();
     if let Some(j) = p.len().checked_sub(1) {
         assert!(values.len() >= j * stride + hd);
@@ -58,61 +125,68 @@ pub fn attn_values(isa: Isa, p: &[f32], values: &[f32], stride: usize, out: &mut
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
-            attn_values_avx2(p, values, stride, out)
+            T::values_avx2(p, values, stride, out)
         },
         _ => {
             out.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
-                axpy_f32_scalar(out, pj, &values[j * stride..][..hd]);
+                for (o, v) in out.iter_mut().zip(&values[j * stride..][..hd]) {
+                    *o += pj * v.to_f32();
+                }
             }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attn_scores_avx2(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-    for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = dot_f32_avx2(q, keys.get_unchecked(j * stride..j * stride + q.len())) * scale;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attn_values_avx2(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let hd = out.len();
-    let pv = values.as_ptr();
-    // 32 outputs at a time stay in four registers while every value row streams past.
-    let mut c = 0;
-    while c + 32 <= hd {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (j, &pj) in p.iter().enumerate() {
-            let w = _mm256_set1_ps(pj);
-            let row = pv.add(j * stride + c);
-            for (k, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * k)), *acc);
+/// The AVX2 value accumulation, for f32 rows and (with F16C) f16 rows: `$load(ptr)` reads
+/// eight elements as f32.
+macro_rules! attn_values_avx2 {
+    ($name:ident, $t:ty, $features:literal, $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(p: &[f32], values: &[$t], stride: usize, out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            let load = $load;
+            let hd = out.len();
+            let pv = values.as_ptr();
+            // 32 outputs at a time stay in four registers while every value row streams past.
+            let mut c = 0;
+            while c + 32 <= hd {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (j, &pj) in p.iter().enumerate() {
+                    let w = _mm256_set1_ps(pj);
+                    let row = pv.add(j * stride + c);
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(w, load(row.add(8 * k)), *acc);
+                    }
+                }
+                for (k, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *acc);
+                }
+                c += 32;
+            }
+            // The tail (head sizes that are not multiples of 32), one element at a time.
+            if c < hd {
+                out[c..].fill(0.0);
+                for (j, &pj) in p.iter().enumerate() {
+                    for (i, o) in out[c..].iter_mut().enumerate() {
+                        *o += pj * KvElem::to_f32(*pv.add(j * stride + c + i));
+                    }
+                }
             }
         }
-        for (k, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *acc);
-        }
-        c += 32;
-    }
-    if c < hd {
-        out[c..].fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            axpy_f32_avx2(&mut out[c..], pj, &values[j * stride + c..j * stride + hd]);
-        }
-    }
+    };
 }
 
-/// `y += a * x`.
-pub fn axpy_f32_scalar(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
+attn_values_avx2!(attn_values_f32_avx2, f32, "avx2,fma", |r: *const f32| {
+    _mm256_loadu_ps(r)
+});
+attn_values_avx2!(
+    attn_values_f16_avx2,
+    f16,
+    "avx2,fma,f16c",
+    |r: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(r as *const __m128i))
+);
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -150,25 +224,6 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 1;
     }
     s
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = y.len().min(x.len());
-    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-    let va = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-        _mm256_storeu_ps(py.add(i), r);
-        i += 8;
-    }
-    while i < n {
-        y[i] += a * x[i];
-        i += 1;
-    }
 }
 
 /// Scalar reference: dot product of a little-endian f16 row (`2 * x.len()` bytes) with x.
@@ -490,8 +545,8 @@ mod tests {
         }
     }
 
-    /// Whole-head attention kernels on every ISA against f64, for head sizes with and
-    /// without a tail of 32, strided rows as in a KV cache.
+    /// Whole-head attention kernels on every ISA against f64, for f32 and f16 caches, head
+    /// sizes with and without a tail of 32, strided rows as in a KV cache.
     #[test]
     fn attention_kernels_agree() {
         let mut rng = Lcg(12);
@@ -505,34 +560,33 @@ mod tests {
             let q: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
             let kv: Vec<f32> = (0..n_keys * stride).map(|_| rng.f32()).collect();
             let p: Vec<f32> = (0..n_keys).map(|_| rng.f32()).collect();
-            for isa in Isa::all_available() {
-                let mut scores = vec![0f32; n_keys];
-                attn_scores(isa, &q, &kv, stride, 0.5, &mut scores);
-                let mut out = vec![f32::NAN; hd];
-                attn_values(isa, &p, &kv, stride, &mut out);
-                for j in 0..n_keys {
-                    let k = &kv[j * stride..][..hd];
-                    let w: f64 = 0.5
-                        * q.iter()
-                            .zip(k)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>();
-                    assert!(
-                        (scores[j] as f64 - w).abs() < 1e-5,
-                        "{} scores hd={hd} j={j}",
-                        isa.name()
-                    );
-                }
-                for i in 0..hd {
-                    let w: f64 = (0..n_keys)
-                        .map(|j| p[j] as f64 * kv[j * stride + i] as f64)
-                        .sum();
-                    assert!(
-                        (out[i] as f64 - w).abs() < 1e-5,
-                        "{} values hd={hd} i={i}",
-                        isa.name()
-                    );
-                }
+            check_attention(&q, &kv, &p, stride);
+            let kv16: Vec<f16> = kv.iter().map(|&v| f16::from_f32(v)).collect();
+            check_attention(&q, &kv16, &p, stride);
+        }
+    }
+
+    fn check_attention<T: KvElem>(q: &[f32], kv: &[T], p: &[f32], stride: usize) {
+        let (hd, n_keys) = (q.len(), p.len());
+        let kv64 = |i: usize| kv[i].to_f32() as f64;
+        for isa in Isa::all_available() {
+            let what = format!("{} {}", isa.name(), std::any::type_name::<T>());
+            let mut scores = vec![0f32; n_keys];
+            attn_scores(isa, q, kv, stride, 0.5, &mut scores);
+            let mut out = vec![f32::NAN; hd];
+            attn_values(isa, p, kv, stride, &mut out);
+            for (j, &sj) in scores.iter().enumerate() {
+                let w: f64 = 0.5
+                    * (0..hd)
+                        .map(|i| q[i] as f64 * kv64(j * stride + i))
+                        .sum::<f64>();
+                assert!((sj as f64 - w).abs() < 1e-5, "{what} scores hd={hd} j={j}");
+            }
+            for (i, &oi) in out.iter().enumerate() {
+                let w: f64 = (0..n_keys)
+                    .map(|j| p[j] as f64 * kv64(j * stride + i))
+                    .sum();
+                assert!((oi as f64 - w).abs() < 1e-5, "{what} values hd={hd} i={i}");
             }
         }
     }
