@@ -43,6 +43,15 @@ pub struct BenchArgs {
     /// Thread counts to test, comma-separated (default: all cores).
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
+    /// Context depths to test at, comma-separated: each test runs after this many tokens are
+    /// already in the KV cache (filled once, not timed), as llama-bench's `-d`.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub n_depth: Vec<usize>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -65,6 +74,7 @@ struct Record {
     test: String,
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     n_threads: usize,
     samples_ns: Vec<u64>,
 }
@@ -174,22 +184,34 @@ fn random_tokens(rng: &mut Rng, n: usize, n_vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.below(n_vocab as u64) as u32).collect()
 }
 
-/// Time one prompt of `n` random tokens into a fresh context.
-fn run_pp(model: &Model, s: &mut bitnet_engine::Session, rng: &mut Rng, n: usize) -> Result<u64> {
-    s.reset();
+/// Time one prompt of `n` random tokens after the first `depth` positions of the context.
+fn run_pp(
+    model: &Model,
+    s: &mut bitnet_engine::Session,
+    rng: &mut Rng,
+    depth: usize,
+    n: usize,
+) -> Result<u64> {
+    s.truncate(depth);
     let tokens = random_tokens(rng, n, model.config.n_vocab);
     let t0 = Instant::now();
     model.forward(s, &tokens, false)?;
     Ok(t0.elapsed().as_nanos() as u64)
 }
 
-/// Time `n` single-token forwards from an empty context (BOS first when the tokenizer adds
-/// one, then random tokens, as llama-bench does).
-fn run_tg(model: &Model, s: &mut bitnet_engine::Session, rng: &mut Rng, n: usize) -> Result<u64> {
-    s.reset();
+/// Time `n` single-token forwards after the first `depth` positions of the context (from an
+/// empty one: BOS first when the tokenizer adds one, then random tokens, as llama-bench does).
+fn run_tg(
+    model: &Model,
+    s: &mut bitnet_engine::Session,
+    rng: &mut Rng,
+    depth: usize,
+    n: usize,
+) -> Result<u64> {
+    s.truncate(depth);
     let v = model.config.n_vocab;
     let mut tok = match &model.tokenizer {
-        Some(t) if t.add_bos() => t.bos_id().unwrap_or(0),
+        Some(t) if t.add_bos() && depth == 0 => t.bos_id().unwrap_or(0),
         _ => rng.below(v as u64) as u32,
     };
     let t0 = Instant::now();
@@ -200,45 +222,68 @@ fn run_tg(model: &Model, s: &mut bitnet_engine::Session, rng: &mut Rng, n: usize
     Ok(t0.elapsed().as_nanos() as u64)
 }
 
-fn run_test(
+/// The context of one depth: `depth` random tokens already in the cache, with room for the
+/// largest test after them. Filled once; every test truncates back to `depth`.
+fn depth_session(
     model: &Model,
-    a: &BenchArgs,
     rng: &mut Rng,
-    n_prompt: usize,
-    n_gen: usize,
-    n_threads: usize,
-) -> Result<Record> {
-    let n = n_prompt + n_gen;
+    depth: usize,
+    tests: &[(usize, usize)],
+) -> Result<bitnet_engine::Session> {
+    let longest = tests.iter().map(|&(p, g)| p + g).max().unwrap_or(0);
+    let n = depth + longest;
     if n > model.config.n_ctx_train {
         return Err(anyhow!(
-            "a test of {n} tokens does not fit the model's context of {}",
+            "a test of {longest} tokens at depth {depth} does not fit the model's context of {}",
             model.config.n_ctx_train
         ));
     }
     let mut s = model.new_session(n);
-    if !a.no_warmup {
+    if depth > 0 {
+        model.forward(
+            &mut s,
+            &random_tokens(rng, depth, model.config.n_vocab),
+            false,
+        )?;
+    }
+    Ok(s)
+}
+
+fn run_test(
+    model: &Model,
+    a: &BenchArgs,
+    s: &mut bitnet_engine::Session,
+    rng: &mut Rng,
+    (n_depth, n_prompt, n_gen): (usize, usize, usize),
+    n_threads: usize,
+) -> Result<Record> {
+    let once = |s: &mut bitnet_engine::Session, rng: &mut Rng, n_gen: usize| {
         if n_prompt > 0 {
-            run_pp(model, &mut s, rng, n_prompt)?;
+            run_pp(model, s, rng, n_depth, n_prompt)
         } else {
-            run_tg(model, &mut s, rng, 1)?;
+            run_tg(model, s, rng, n_depth, n_gen)
         }
+    };
+    if !a.no_warmup {
+        once(s, rng, 1)?;
     }
     let mut samples_ns = Vec::with_capacity(a.repetitions);
     for _ in 0..a.repetitions {
-        samples_ns.push(if n_prompt > 0 {
-            run_pp(model, &mut s, rng, n_prompt)?
-        } else {
-            run_tg(model, &mut s, rng, n_gen)?
-        });
+        samples_ns.push(once(s, rng, n_gen)?);
+    }
+    let mut test = if n_prompt > 0 {
+        format!("pp{n_prompt}")
+    } else {
+        format!("tg{n_gen}")
+    };
+    if n_depth > 0 {
+        test += &format!(" @ d{n_depth}"); // llama-bench's spelling
     }
     Ok(Record {
-        test: if n_prompt > 0 {
-            format!("pp{n_prompt}")
-        } else {
-            format!("tg{n_gen}")
-        },
+        test,
         n_prompt,
         n_gen,
+        n_depth,
         n_threads,
         samples_ns,
     })
@@ -327,21 +372,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .num_threads(nt)
             .build()
             .map_err(|e| anyhow!("cannot start {nt} threads: {e}"))?;
-        for &(np, ng) in &tests {
-            let r = pool.install(|| run_test(&model, &a, &mut rng, np, ng, nt))?;
-            let (avg, sd) = mean_sd(&r.samples_ts());
-            if !a.json {
-                writeln!(
-                    out,
-                    "| {model_type} | {} | {} | {backend} | {nt} | {} | {avg:.2} ± {sd:.2} |",
-                    human_size(size),
-                    human_params(params),
-                    r.test
-                )?;
-                out.flush()?;
+        for &depth in &a.n_depth {
+            let mut s = pool.install(|| depth_session(&model, &mut rng, depth, &tests))?;
+            for &(np, ng) in &tests {
+                let r =
+                    pool.install(|| run_test(&model, &a, &mut s, &mut rng, (depth, np, ng), nt))?;
+                let (avg, sd) = mean_sd(&r.samples_ts());
+                if !a.json {
+                    writeln!(
+                        out,
+                        "| {model_type} | {} | {} | {backend} | {nt} | {} | {avg:.2} ± {sd:.2} |",
+                        human_size(size),
+                        human_params(params),
+                        r.test
+                    )?;
+                    out.flush()?;
+                }
+                let peak = peak_rss_bytes();
+                records.push((r, peak));
             }
-            let peak = peak_rss_bytes();
-            records.push((r, peak));
         }
     }
     let peak = peak_rss_bytes();
@@ -368,7 +417,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "n_threads": r.n_threads,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
-                    "n_depth": 0,
+                    "n_depth": r.n_depth,
                     "avg_ns": avg_ns.round() as u64,
                     "stddev_ns": sd_ns.round() as u64,
                     "avg_ts": avg_ts,

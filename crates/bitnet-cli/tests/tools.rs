@@ -381,6 +381,23 @@ fn bench_reports_llama_bench_records() {
             }
         );
     }
+    // `-d`: the same tests with a filled context, named and recorded as llama-bench does.
+    let out = ok(bitnet(&[
+        "bench", "-m", m, "-p", "8", "-n", "4", "-d", "0,16", "-r", "1", "--json",
+    ]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<(&str, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["test"].as_str().unwrap(), r["n_depth"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [("pp8", 0), ("tg4", 0), ("pp8 @ d16", 16), ("tg4 @ d16", 16)]
+    );
+    let err = one_line_error(&bitnet(&["bench", "-m", m, "-p", "8", "-d", "1000000"]));
+    assert!(err.contains("depth 1000000"), "{err}");
     // `--kv-type f16` reaches the engine (llama-bench's type_k / type_v keys).
     let out = ok(bitnet(&[
         "bench",
