@@ -381,11 +381,12 @@ fn bench_reports_llama_bench_records() {
             }
         );
     }
+    let bench_json = |args: &[&str]| -> Value {
+        let all = [&["bench", "-m", m, "-r", "1", "--json"][..], args].concat();
+        serde_json::from_str(&ok(bitnet(&all))).unwrap()
+    };
     // `-d`: the same tests with a filled context, named and recorded as llama-bench does.
-    let out = ok(bitnet(&[
-        "bench", "-m", m, "-p", "8", "-n", "4", "-d", "0,16", "-r", "1", "--json",
-    ]));
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = bench_json(&["-p", "8", "-n", "4", "-d", "0,16"]);
     let got: Vec<(&str, u64)> = v
         .as_array()
         .unwrap()
@@ -399,21 +400,7 @@ fn bench_reports_llama_bench_records() {
     let err = one_line_error(&bitnet(&["bench", "-m", m, "-p", "8", "-d", "1000000"]));
     assert!(err.contains("depth 1000000"), "{err}");
     // `--kv-type f16` reaches the engine (llama-bench's type_k / type_v keys).
-    let out = ok(bitnet(&[
-        "bench",
-        "-m",
-        m,
-        "-p",
-        "8",
-        "-n",
-        "0",
-        "-r",
-        "1",
-        "--json",
-        "--kv-type",
-        "f16",
-    ]));
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = bench_json(&["-p", "8", "-n", "0", "--kv-type", "f16"]);
     assert_eq!(v[0]["type_k"].as_str(), Some("f16"), "{v}");
     assert_eq!(v[0]["type_v"].as_str(), Some("f16"), "{v}");
 

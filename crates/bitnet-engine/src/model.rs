@@ -404,22 +404,15 @@ impl Model {
                 s.kv.write(off, &sc.k[rows.clone()], &sc.v[rows]);
                 t0 += n;
             }
-            let layer = |s: &Session| l * s.n_ctx * kv_dim..(l + 1) * s.n_ctx * kv_dim;
             let (q, seq, pos, att) = (&sc.q, &sc.tok_seq, &sc.tok_pos, &mut sc.att);
             // Every session of the batch has the model's cache type (`check_tokens`).
             match self.kv_type {
                 KvType::F32 => {
-                    let caches: Vec<_> = items
-                        .iter()
-                        .map(|it| it.session.kv.f32(layer(it.session)))
-                        .collect();
+                    let caches = layer_caches(items, l, kv_dim, KvCache::f32);
                     attention(c, self.isa, q, &caches, seq, pos, att)
                 }
                 KvType::F16 => {
-                    let caches: Vec<_> = items
-                        .iter()
-                        .map(|it| it.session.kv.f16(layer(it.session)))
-                        .collect();
+                    let caches = layer_caches(items, l, kv_dim, KvCache::f16);
                     attention(c, self.isa, q, &caches, seq, pos, att)
                 }
             }
@@ -557,6 +550,25 @@ fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
             }
         }
     }
+}
+
+/// Keys and values of one layer of one sequence.
+type LayerKv<'a, T> = (&'a [T], &'a [T]);
+
+/// Layer `l`'s keys and values of every sequence of the batch, as `get` reads them.
+fn layer_caches<'a, T>(
+    items: &'a [BatchItem],
+    l: usize,
+    kv_dim: usize,
+    get: fn(&'a KvCache, std::ops::Range<usize>) -> LayerKv<'a, T>,
+) -> Vec<LayerKv<'a, T>> {
+    items
+        .iter()
+        .map(|it| {
+            let s = &*it.session;
+            get(&s.kv, l * s.n_ctx * kv_dim..(l + 1) * s.n_ctx * kv_dim)
+        })
+        .collect()
 }
 
 /// Causal grouped-query attention for a batch of new tokens whose keys and values are already
