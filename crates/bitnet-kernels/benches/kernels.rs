@@ -15,6 +15,7 @@
 //!   128 MB of copies of the matrix, so the weights stream from memory as in decoding;
 //! - `head_f16`: the F16 output head's dot products (16384 rows of 2560, 84 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
+//! - `head_f16_matmul_8_tokens`: the F16 head for 8 inputs at once (a batched step);
 //! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
 //! - `mem_read`: summing a 256 MB buffer on the kernels' worker pool: the machine's read
 //!   bandwidth with this many threads, the bound for batch-1 decoding.
@@ -220,6 +221,30 @@ fn head_f16_matmul(bencher: Bencher, c: &Case) {
                 HEAD_COLS,
                 black_box(&x),
                 1,
+                &mut out,
+            )
+        });
+}
+
+/// The head for a batched step of 8 tokens (8 streams of `serve`, or 8 scored positions of
+/// `perplexity`): compare with 8 times `head_f16_matmul`.
+#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+fn head_f16_matmul_8_tokens(bencher: Bencher, c: &Case) {
+    let (data, x1) = head_data();
+    let x: Vec<f32> = (0..8)
+        .flat_map(|t| x1.iter().map(move |v| v * (t + 1) as f32))
+        .collect();
+    let mut out = vec![0f32; 8 * HEAD_ROWS];
+    bencher
+        .counter(BytesCount::new(data.len()))
+        .bench_local(|| {
+            float::matmul_f16(
+                c.isa,
+                &data,
+                HEAD_ROWS,
+                HEAD_COLS,
+                black_box(&x),
+                8,
                 &mut out,
             )
         });

@@ -545,6 +545,41 @@ mod tests {
         }
     }
 
+    /// The F16 head of several tokens at once gives, bit for bit, what each token gives alone:
+    /// batching (serve's streams) must not change a logit. Odd shapes: row counts across the
+    /// four-row groups and the thread split, lengths with a tail of fewer than 16 values.
+    #[test]
+    fn f16_head_of_a_batch_equals_each_token_alone() {
+        let mut rng = Lcg(21);
+        for (rows, cols, n_tok) in [(1, 7, 3), (7, 33, 2), (67, 100, 5), (130, 2560, 4)] {
+            let bytes: Vec<u8> = (0..rows * cols)
+                .flat_map(|_| f16::from_f32(rng.f32()).to_le_bytes())
+                .collect();
+            let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32()).collect();
+            for isa in Isa::all_available() {
+                for threads in [1, 2] {
+                    let tp = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut batched = vec![0f32; n_tok * rows];
+                    tp.install(|| matmul_f16(isa, &bytes, rows, cols, &x, n_tok, &mut batched));
+                    for t in 0..n_tok {
+                        let mut alone = vec![0f32; rows];
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        tp.install(|| matmul_f16(isa, &bytes, rows, cols, xt, 1, &mut alone));
+                        let got: Vec<u32> = batched[t * rows..(t + 1) * rows]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{} {rows}x{cols} token {t}", isa.name());
+                    }
+                }
+            }
+        }
+    }
+
     /// Whole-head attention kernels on every ISA against f64, for f32 and f16 caches, head
     /// sizes with and without a tail of 32, strided rows as in a KV cache.
     #[test]
