@@ -156,17 +156,33 @@ pub fn load_options() -> bitnet_engine::model::LoadOptions {
     GLOBAL_LOAD.get().cloned().unwrap_or_default()
 }
 
-/// Load a model (a path or a Hub reference, see [`resolve_model`]) and print its load-time
-/// warnings to stderr.
-pub fn load_model(path: &Path) -> Result<Model> {
+/// The global load options with a command's `--head-type` (`f16` = as stored, `q8_0` =
+/// requantized at load).
+pub fn load_options_with_head(
+    head_type: Option<&str>,
+) -> Result<bitnet_engine::model::LoadOptions> {
+    let head_type = head_type
+        .map(|h| h.parse::<bitnet_engine::model::HeadType>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--head-type: {e}"))?;
+    Ok(bitnet_engine::model::LoadOptions {
+        head_type,
+        ..load_options()
+    })
+}
+
+/// Load a model (a path or a Hub reference, see [`resolve_model`]) with the output head
+/// computed as `head_type` (None: as stored), and print its load-time warnings to stderr.
+pub fn load_model(path: &Path, head_type: Option<&str>) -> Result<Model> {
+    let opts = load_options_with_head(head_type)?;
     let path = resolve_model_path(path)?;
-    let model = Model::load_with(&path, &load_options())?;
+    let model = Model::load_with(&path, &opts)?;
     print_warnings(&model.warnings);
     Ok(model)
 }
 
 /// Load a model with a spinner on stderr (when `show` and stderr is a terminal).
-pub fn load_model_with_progress(path: &Path, show: bool) -> Result<Model> {
+pub fn load_model_with_progress(path: &Path, head_type: Option<&str>, show: bool) -> Result<Model> {
     use std::io::IsTerminal;
     // Download first (with its own progress bars), then show the spinner while loading.
     let path = &resolve_model_path(path)?;
@@ -178,7 +194,7 @@ pub fn load_model_with_progress(path: &Path, show: bool) -> Result<Model> {
     } else {
         None
     };
-    let model = load_model(path);
+    let model = load_model(path, head_type);
     if let Some(b) = bar {
         b.finish_and_clear();
     }

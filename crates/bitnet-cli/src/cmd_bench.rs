@@ -8,9 +8,7 @@
 //! Each thread count gets its own rayon pool and the whole test runs inside `pool.install`, so
 //! every parallel loop of the engine uses exactly that many threads.
 
-use crate::args::{print_warnings, resolve_model_path};
 use anyhow::{anyhow, Result};
-use bitnet_engine::model::{HeadType, LoadOptions};
 use bitnet_engine::synth::Rng;
 use bitnet_engine::{Config, Model};
 use clap::Args;
@@ -289,25 +287,6 @@ fn run_test(
     })
 }
 
-/// Load a model (path or Hub reference), with the output head computed as `head_type`
-/// (`f16` = as stored, `q8_0` = requantized at load), printing load warnings.
-pub fn load_with_head(path: &Path, head_type: Option<&str>) -> Result<Model> {
-    let head_type = head_type
-        .map(|h| h.parse::<HeadType>())
-        .transpose()
-        .map_err(|e| anyhow!("--head-type: {e}"))?;
-    let path = resolve_model_path(path)?;
-    let model = Model::load_with(
-        &path,
-        &LoadOptions {
-            head_type,
-            ..crate::args::load_options()
-        },
-    )?;
-    print_warnings(&model.warnings);
-    Ok(model)
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         return Err(anyhow!("-r/--repetitions must be at least 1"));
@@ -334,7 +313,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    let model = load_with_head(&a.model, a.head_type.as_deref())?;
+    let model = crate::args::load_model(&a.model, a.head_type.as_deref())?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
     let size = model_size(&model.path);

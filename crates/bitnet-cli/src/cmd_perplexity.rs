@@ -28,7 +28,6 @@
 //! with its own file gives exactly 0 and 100%.
 
 use crate::args::init_threads;
-use crate::cmd_bench::load_with_head;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use half::f16;
@@ -200,7 +199,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
             "-f/--file is required (the text to score), unless --kl-divergence gives the tokens"
         ));
     }
-    let model = load_with_head(&a.model, a.head_type.as_deref())?;
+    let model = crate::args::load_model(&a.model, a.head_type.as_deref())?;
     let n_vocab = model.config.n_vocab;
 
     let text_tokens = match &a.file {

@@ -243,6 +243,24 @@ fn run_is_deterministic_and_greedy_matches_the_library() {
     );
     let args = [&base[..], &["--kv-type", "q4_0"]].concat();
     assert!(one_line_error(&bitnet(&args)).contains("q4_0"));
+    // `--head-type q8_0`: the library's greedy text with the head requantized at load.
+    let q8 = bitnet_engine::model::LoadOptions {
+        head_type: Some(bitnet_engine::model::HeadType::Q8_0),
+        ..Default::default()
+    };
+    let args = [&base[..], &["--head-type", "q8_0"]].concat();
+    assert_eq!(stdout(&bitnet(&args)), library_greedy(path, q8), "{args:?}");
+    let args = [&base[..], &["--head-type", "q3"]].concat();
+    assert!(one_line_error(&bitnet(&args)).contains("--head-type"));
+    // chat and serve take it too, and refuse a bad one before loading or listening.
+    let chat = ["chat", "-m", &m, "--head-type", "q3"];
+    let serve = ["serve", "-m", &m, "--head-type", "q3", "--port", "1"];
+    for args in [&chat[..], &serve[..]] {
+        assert!(
+            one_line_error(&bitnet(args)).contains("--head-type"),
+            "{args:?}"
+        );
+    }
 }
 
 /// Twelve greedy tokens after "Hello" from the library, with a newline as `bitnet run` ends.
