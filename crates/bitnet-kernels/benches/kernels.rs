@@ -13,9 +13,8 @@
 //!   2560x2560 q/o, 6912x2560 gate/up, 2560x6912 down) for 1 token (GEMV), 8 and 64 tokens
 //!   (the scalar reference for 1 token only: it does not batch); the benchmark cycles through
 //!   128 MB of copies of the matrix, so the weights stream from memory as in decoding;
-//! - `head_f16`: the F16 output head's dot products (16384 rows of 2560, 84 MB: streamed from
+//! - `head_f16`: the F16 output head's dot products for 1 and 8 tokens (16384 rows of 2560, 84 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
-//! - `head_f16_matmul_8_tokens`: the F16 head for 8 inputs at once (a batched step);
 //! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
 //! - `mem_read`: summing a 256 MB buffer on the kernels' worker pool: the machine's read
 //!   bandwidth with this many threads, the bound for batch-1 decoding.
@@ -206,11 +205,16 @@ fn head_f16_rows(bencher: Bencher, c: &Case) {
         });
 }
 
-/// The head as the engine runs it for one token: `matmul_f16`, four rows per kernel call.
-#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+/// The head as the engine runs it: `matmul_f16`, four rows per kernel call, for one token
+/// (decoding) and for 8 at once (a batched step of 8 `serve` streams, or 8 scored positions of
+/// `perplexity`: compare with 8 times one token).
+#[divan::bench(args = head_cases(), max_time = 2)]
 fn head_f16_matmul(bencher: Bencher, c: &Case) {
-    let (data, x) = head_data();
-    let mut out = vec![0f32; HEAD_ROWS];
+    let (data, x1) = head_data();
+    let x: Vec<f32> = (0..c.n_tok)
+        .flat_map(|t| x1.iter().map(move |v| v * (t + 1) as f32))
+        .collect();
+    let mut out = vec![0f32; c.n_tok * HEAD_ROWS];
     bencher
         .counter(BytesCount::new(data.len()))
         .bench_local(|| {
@@ -220,34 +224,21 @@ fn head_f16_matmul(bencher: Bencher, c: &Case) {
                 HEAD_ROWS,
                 HEAD_COLS,
                 black_box(&x),
-                1,
+                c.n_tok,
                 &mut out,
             )
         });
 }
 
-/// The head for a batched step of 8 tokens (8 streams of `serve`, or 8 scored positions of
-/// `perplexity`): compare with 8 times `head_f16_matmul`.
-#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
-fn head_f16_matmul_8_tokens(bencher: Bencher, c: &Case) {
-    let (data, x1) = head_data();
-    let x: Vec<f32> = (0..8)
-        .flat_map(|t| x1.iter().map(move |v| v * (t + 1) as f32))
-        .collect();
-    let mut out = vec![0f32; 8 * HEAD_ROWS];
-    bencher
-        .counter(BytesCount::new(data.len()))
-        .bench_local(|| {
-            float::matmul_f16(
-                c.isa,
-                &data,
-                HEAD_ROWS,
-                HEAD_COLS,
-                black_box(&x),
-                8,
-                &mut out,
-            )
-        });
+fn head_cases() -> Vec<Case> {
+    [1, 8]
+        .into_iter()
+        .flat_map(|n_tok| {
+            isa_cases(HEAD_ROWS, HEAD_COLS)
+                .into_iter()
+                .map(move |c| Case { n_tok, ..c })
+        })
+        .collect()
 }
 
 /// The same head requantized to 8-bit blocks (about half the bytes of F16).
