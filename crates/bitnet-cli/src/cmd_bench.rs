@@ -53,9 +53,8 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load).
-    #[arg(long)]
-    pub head_type: Option<String>,
+    #[command(flatten)]
+    pub head: crate::args::HeadArg,
     /// Print a JSON array of records instead of the markdown table.
     #[arg(long)]
     pub json: bool,
@@ -313,7 +312,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    let model = crate::args::load_model(&a.model, a.head_type.as_deref())?;
+    let model = crate::args::load_model(&a.model, &a.head)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = &model.config;
     let size = model_size(&model.path);

@@ -37,11 +37,8 @@ pub struct ChatArgs {
     /// Hide the load progress and the speed after each answer.
     #[arg(long, short = 'q')]
     pub quiet: bool,
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load: for 2B4T
-    /// about 0.3 GB less memory and faster generation; `bitnet perplexity --kl-divergence`
-    /// measures what it costs).
-    #[arg(long)]
-    pub head_type: Option<String>,
+    #[command(flatten)]
+    pub head: crate::args::HeadArg,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -59,8 +56,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     init_threads(a.threads)?;
     let interactive = std::io::stdin().is_terminal();
-    let model =
-        load_model_with_progress(&a.model, a.head_type.as_deref(), interactive && !a.quiet)?;
+    let model = load_model_with_progress(&a.model, &a.head, interactive && !a.quiet)?;
     params.validate_vocab(model.config.n_vocab)?;
     let n_ctx = a.ctx_size.unwrap_or(2048).min(model.config.n_ctx_train);
     let mut chat =

@@ -39,7 +39,7 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 pub fn run(a: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     init_threads(a.threads)?;
-    let model = load_model(&a.model, None)?;
+    let model = load_model(&a.model, &Default::default())?;
     let v = model.config.n_vocab;
     if tokens.len() > model.config.n_ctx_train {
         return Err(anyhow!(

@@ -57,10 +57,8 @@ pub struct PerplexityArgs {
     /// Save the log-probabilities of every scored position (f16) for a later --kl-divergence.
     #[arg(long, value_name = "FILE")]
     pub save_logits: Option<PathBuf>,
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load); compare with
-    /// a --save-logits run of the stored head to measure what it costs.
-    #[arg(long)]
-    pub head_type: Option<String>,
+    #[command(flatten)]
+    pub head: crate::args::HeadArg,
     /// Compute threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -199,7 +197,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
             "-f/--file is required (the text to score), unless --kl-divergence gives the tokens"
         ));
     }
-    let model = crate::args::load_model(&a.model, a.head_type.as_deref())?;
+    let model = crate::args::load_model(&a.model, &a.head)?;
     let n_vocab = model.config.n_vocab;
 
     let text_tokens = match &a.file {

@@ -48,11 +48,8 @@ pub struct RunArgs {
     /// Print timings to stderr.
     #[arg(long)]
     pub verbose: bool,
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load: for 2B4T
-    /// about 0.3 GB less memory and faster generation; `bitnet perplexity --kl-divergence`
-    /// measures what it costs).
-    #[arg(long)]
-    pub head_type: Option<String>,
+    #[command(flatten)]
+    pub head: crate::args::HeadArg,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -60,7 +57,7 @@ pub struct RunArgs {
 pub fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     init_threads(a.threads)?;
-    let model = load_model(&a.model, a.head_type.as_deref())?;
+    let model = load_model(&a.model, &a.head)?;
     let tok = model.tokenizer.clone().ok_or_else(|| {
         anyhow!(
             "{}: the model has no tokenizer, so it cannot take a text prompt",

@@ -43,11 +43,8 @@ pub struct ServeArgs {
     /// Model name reported by the API (default: the file or directory name).
     #[arg(long)]
     pub alias: Option<String>,
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load: for 2B4T
-    /// about 0.3 GB less memory and faster generation; `bitnet perplexity --kl-divergence`
-    /// measures what it costs).
-    #[arg(long)]
-    pub head_type: Option<String>,
+    #[command(flatten)]
+    pub head: crate::args::HeadArg,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -78,7 +75,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         defaults,
         default_max_tokens: a.n_predict,
         shutdown_grace: Duration::from_secs(30),
-        load: crate::args::load_options_with_head(a.head_type.as_deref())?,
+        load: a.head.load_options()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

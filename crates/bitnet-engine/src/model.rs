@@ -83,14 +83,6 @@ impl KvType {
             KvType::F32 => "f32",
         }
     }
-
-    /// Bytes per cached value.
-    pub fn bytes(self) -> usize {
-        match self {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
-        }
-    }
 }
 
 impl std::str::FromStr for KvType {

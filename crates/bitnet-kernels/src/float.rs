@@ -5,19 +5,7 @@ use half::f16;
 
 /// f32 dot product with eight independent accumulators (the compiler vectorises it).
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for i in 0..8 {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s
+    dot_kv(a, b)
 }
 
 /// Element types of a KV cache: f32, or f16 (half the memory, and half the bytes each decoded
@@ -97,8 +85,8 @@ pub fn attn_scores<T: KvElem>(
     }
 }
 
-/// [`dot_f32`] with the second operand converted from the cache's element type (the same
-/// order of additions, so f32 caches give exactly `dot_f32`).
+/// Dot product of f32 values with a row of the cache's element type, eight independent
+/// accumulators (vectorised); [`dot_f32`] is this for f32 rows.
 fn dot_kv<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0f32; 8];
