@@ -160,9 +160,10 @@ pub fn load_options() -> bitnet_engine::model::LoadOptions {
 /// `perplexity`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct HeadArg {
-    /// Compute the output head as f16 (as stored) or q8_0 (requantized at load: for 2B4T
-    /// about 0.3 GB less memory and faster generation; `bitnet perplexity --kl-divergence`
-    /// against a --save-logits run of the stored head measures what it costs).
+    /// Compute the output head as f16 (as stored), q8_0 or q6_k (requantized at load; for
+    /// 2B4T 0.3 / 0.39 GB less memory and faster generation; q6_k needs a hidden size that is
+    /// a multiple of 256 and is a little less exact; `bitnet perplexity --kl-divergence`
+    /// against a --save-logits run of the stored head measures what each costs).
     #[arg(long)]
     pub head_type: Option<String>,
 }

@@ -527,11 +527,34 @@ fn perplexity_and_kl_divergence() {
     assert!(v["kld_max"].as_f64().unwrap() >= v["kld_p99"].as_f64().unwrap());
     assert!(v["kld_stderr"].as_f64().unwrap() > 0.0);
 
-    // The output head requantized to Q8_0: a small cost, measured.
-    let v = run(&["-m", a, "--kl-divergence", lp, "--head-type", "q8_0"]);
-    let kld = v["kld_mean"].as_f64().unwrap();
-    assert!(kld > 0.0 && kld < 0.05, "{v}");
-    assert!(v["same_top_pct"].as_f64().unwrap() > 80.0, "{v}");
+    // The output head requantized to Q8_0 or Q6_K: a small cost, measured; the 6-bit head's
+    // is the larger (its steps are about four times coarser).
+    let kld_of = |head: &str| {
+        let v = run(&["-m", a, "--kl-divergence", lp, "--head-type", head]);
+        eprintln!("--head-type {head}: {v}");
+        let kld = v["kld_mean"].as_f64().unwrap();
+        assert!(kld > 0.0 && kld < 0.05, "{v}");
+        assert!(v["same_top_pct"].as_f64().unwrap() > 80.0, "{v}");
+        kld
+    };
+    let (kld_q8, kld_q6) = (kld_of("q8_0"), kld_of("q6_k"));
+    assert!(kld_q6 > kld_q8, "q6_k {kld_q6} vs q8_0 {kld_q8}");
+    // Q6_K blocks are 256 wide: a 320-wide model is refused with a way out.
+    let narrow = synth(
+        dir.path(),
+        "n.gguf",
+        &["--shape", "tiny", "--hidden", "320"],
+    );
+    let e = one_line_error(&bitnet(&[
+        "perplexity",
+        "-m",
+        narrow.to_str().unwrap(),
+        "-f",
+        t,
+        "--head-type",
+        "q6_k",
+    ]));
+    assert!(e.contains("multiple of 256") && e.contains("q8_0"), "{e}");
 
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "only a few words").unwrap();

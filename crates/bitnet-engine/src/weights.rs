@@ -6,7 +6,8 @@
 //!   once at load. No f32 copy of a ternary matrix is ever made. A lazy load (for converters)
 //!   keeps each matrix as its [`LinearSource`] and decodes it on demand, one at a time.
 //! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]);
-//!   the head can also be requantized at load to 8-bit blocks ([`HeadType`], an owned copy).
+//!   the head can also be requantized at load to 8-bit or 6-bit blocks ([`HeadType`], an owned
+//!   copy).
 //! - Norm weights are small and become `Vec<f32>`.
 
 use crate::config::Config;
@@ -18,6 +19,7 @@ use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
 use bitnet_kernels::Isa;
+use bitnet_kernels::{pool, q6k, SyncPtr};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::ops::{Deref, Range};
@@ -225,8 +227,9 @@ impl FloatMatrix {
     pub fn matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
         match self.dtype {
             GgmlType::F16 => matmul_f16(isa, &self.data, self.rows, self.cols, x, n_tok, out),
+            GgmlType::Q6_K => q6k::matmul(isa, &self.data, self.rows, self.cols, x, n_tok, out),
             _ => {
-                // Decode the row into a per-thread buffer, then dot. Used for F32/BF16/Q8_0/Q6_K.
+                // Decode the row into a per-thread buffer, then dot. Used for F32/BF16/Q8_0.
                 thread_local! {
                     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
                 }
@@ -285,13 +288,21 @@ impl Layer {
     }
 }
 
+/// The output head requantized at load, an owned copy ([`HeadType`]).
+#[allow(non_camel_case_types)]
+pub enum RequantizedHead {
+    Q8_0(Q8Matrix),
+    /// Stored in ggml's Q6_K blocks, computed like a Q6_K head read from a file.
+    Q6_K(FloatMatrix),
+}
+
 pub struct Weights {
     pub embed: FloatMatrix,
     /// Untied output head; `None` means the embedding is the head.
     pub head: Option<FloatMatrix>,
     /// The head requantized at load ([`Weights::requantize_head`]); when present the logits
     /// are computed from it instead of [`Weights::head`].
-    pub head_q8: Option<Q8Matrix>,
+    pub head_requantized: Option<RequantizedHead>,
     pub output_norm: Vec<f32>,
     pub layers: Vec<Layer>,
 }
@@ -305,7 +316,9 @@ pub enum HeadType {
     /// Requantized at load to 8-bit blocks of 32 (ggml's Q8_0 with f32 scales), multiplied
     /// with the final-norm output quantized the same way: about half the bytes of F16.
     Q8_0,
-    /// 6-bit k-quants: accepted by the parser, not implemented yet (load fails clearly).
+    /// Requantized at load to ggml's Q6_K (6-bit codes, 16 int8 scales and one f16 scale per
+    /// 256 values), multiplied with the input quantized to int8 per 256: 0.82 bytes per
+    /// weight. Needs a hidden size that is a multiple of 256 (2B4T: 2560).
     Q6_K,
 }
 
@@ -344,30 +357,71 @@ impl Weights {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Use `t` for the output head: `F16` keeps the stored matrix; `Q8_0` makes an owned
-    /// 8-bit copy (the stored one stays, for embedding lookups when tied) and gives the
-    /// memory-map pages read to build it back to the kernel.
+    /// Use `t` for the output head: `F16` keeps the stored matrix; `Q8_0` and `Q6_K` make an
+    /// owned copy in that type (the stored one stays, for embedding lookups when tied) and give
+    /// the memory-map pages read to build it back to the kernel. A head already stored as Q6_K
+    /// is used as it is for `Q6_K` (requantizing it again would only add error).
     pub fn requantize_head(&mut self, t: HeadType) -> Result<()> {
-        match t {
-            HeadType::F16 => self.head_q8 = None,
-            HeadType::Q8_0 => {
-                let h = self.head();
-                // Give the F16 pages back as the rows are done, not after the whole head (peak
-                // RSS: the F16 head and its Q8 copy would otherwise be resident together).
-                const RELEASE_ROWS: usize = 256;
-                let q = Q8Matrix::from_rows(h.rows, h.cols, |r, out| {
-                    h.row(r, out);
-                    if (r + 1) % RELEASE_ROWS == 0 {
-                        let rows = r + 1 - RELEASE_ROWS..r + 1;
-                        h.data
-                            .release_whole_pages(rows.start * h.row_bytes..rows.end * h.row_bytes);
+        let h = self.head();
+        // Give the stored pages back as the rows are done, not after the whole head (peak
+        // RSS: the F16 head and its copy would otherwise be resident together).
+        const RELEASE_ROWS: usize = 256;
+        let read_row = |r: usize, out: &mut [f32]| {
+            h.row(r, out);
+            if (r + 1).is_multiple_of(RELEASE_ROWS) {
+                let rows = r + 1 - RELEASE_ROWS..r + 1;
+                h.data
+                    .release_whole_pages(rows.start * h.row_bytes..rows.end * h.row_bytes);
+            }
+        };
+        let requantized = match t {
+            HeadType::F16 => None,
+            HeadType::Q6_K if h.dtype == GgmlType::Q6_K => None,
+            HeadType::Q8_0 => Some(RequantizedHead::Q8_0(Q8Matrix::from_rows(
+                h.rows, h.cols, read_row,
+            ))),
+            HeadType::Q6_K => {
+                if !h.cols.is_multiple_of(q6k::QK_K) {
+                    bail!(
+                        "--head-type q6_k needs a hidden size that is a multiple of {}, this \
+                         model's is {}; use q8_0",
+                        q6k::QK_K,
+                        h.cols
+                    );
+                }
+                let row_bytes = GgmlType::Q6_K.data_size(h.cols as u64, h.cols as u64)? as usize;
+                let mut data = vec![0u8; h.rows * row_bytes];
+                let dst = SyncPtr(data.as_mut_ptr());
+                pool::for_ranges(h.rows, 1, 256, |range| {
+                    let (mut x, mut q) = (vec![0f32; h.cols], Vec::with_capacity(row_bytes));
+                    for r in range {
+                        read_row(r, &mut x);
+                        q.clear();
+                        codecs::quantize_row_q6_k(&x, &mut q).expect("whole 256-blocks");
+                        // SAFETY: each part writes only its own rows; `data` outlives the job.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                q.as_ptr(),
+                                dst.get().add(r * row_bytes),
+                                row_bytes,
+                            )
+                        };
                     }
                 });
-                h.data.release_pages(0..h.data.len());
-                self.head_q8 = Some(q);
+                let m = FloatMatrix::new(
+                    format!("{} (Q6_K)", h.name),
+                    h.rows,
+                    h.cols,
+                    GgmlType::Q6_K,
+                    Bytes::Owned(data),
+                )?;
+                Some(RequantizedHead::Q6_K(m))
             }
-            HeadType::Q6_K => bail!("--head-type q6_k is not implemented yet; use q8_0 or f16"),
+        };
+        if requantized.is_some() {
+            h.data.release_pages(0..h.data.len());
         }
+        self.head_requantized = requantized;
         Ok(())
     }
 
@@ -377,7 +431,7 @@ impl Weights {
     /// released as they are copied and heap copies (repacked TQ matrices) freed, so resident
     /// memory does not grow by more than one tensor.
     pub fn copy_to_memory(&mut self) -> Result<()> {
-        let requantized = self.head_q8.is_some();
+        let requantized = self.head_requantized.is_some();
         let mut parts: Vec<&mut Bytes> = Vec::new();
         for l in &mut self.layers {
             parts.extend(l.linears_mut().into_iter().map(|lin| &mut lin.data));
@@ -423,18 +477,20 @@ impl Weights {
         Ok(())
     }
 
-    /// The head's type as used: the stored type, or "Q8_0 (requantized)".
+    /// The head's type as used: the stored type, or "Q8_0 (requantized)" / "Q6_K (requantized)".
     pub fn head_type_name(&self) -> String {
-        match &self.head_q8 {
-            Some(_) => "Q8_0 (requantized)".to_string(),
+        match &self.head_requantized {
+            Some(RequantizedHead::Q8_0(_)) => "Q8_0 (requantized)".to_string(),
+            Some(RequantizedHead::Q6_K(_)) => "Q6_K (requantized)".to_string(),
             None => self.head().dtype.name().to_string(),
         }
     }
 
     /// Logits: `out[t * n_vocab + v] = head_v . x_t` for `n_tok` final-norm outputs.
     pub fn head_matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
-        match &self.head_q8 {
-            Some(q) => q.matmul(isa, x, n_tok, out),
+        match &self.head_requantized {
+            Some(RequantizedHead::Q8_0(q)) => q.matmul(isa, x, n_tok, out),
+            Some(RequantizedHead::Q6_K(m)) => m.matmul(isa, x, n_tok, out),
             None => self.head().matmul(isa, x, n_tok, out),
         }
     }
@@ -890,7 +946,7 @@ pub fn load_gguf_weights(
         } else {
             Some(gguf_matrix(g, "output.weight", c.n_vocab, e)?)
         },
-        head_q8: None,
+        head_requantized: None,
         output_norm: gguf_floats(g, "output_norm.weight", &[e])?,
         layers,
     })
@@ -1089,7 +1145,7 @@ pub fn load_hf_weights(
         } else {
             Some(hf_matrix(d, "lm_head.weight", c.n_vocab, e)?)
         },
-        head_q8: None,
+        head_requantized: None,
         output_norm: hf_floats(d, "model.norm.weight", e)?,
         layers,
     })

@@ -96,48 +96,82 @@ fn head_type_names_parse() {
     assert!(e.contains("q4_0") && e.contains("q8_0"), "{e}");
 }
 
-/// The cost of the 8-bit head on the tiny golden model (printed with `--nocapture`): logits
-/// against the stored F16 head, at every prompt position and two decode steps.
+/// The cost of the requantized heads on the tiny golden model (printed with `--nocapture`):
+/// logits against the stored F16 head, at every prompt position and two decode steps. Q8_0
+/// moves a weight by at most 1/254 of its block's largest, Q6_K by 1/64 of its 16-group's
+/// scale: the Q6_K bars are four times looser.
 #[test]
-fn q8_0_head_stays_close_to_the_f16_head() {
+fn requantized_heads_stay_close_to_the_f16_head() {
     let path = tiny("gguf/tiny-i2_s.gguf");
     let f16 = Model::load(&path).unwrap();
+    assert_eq!(f16.weights.head_type_name(), "F16");
+    let a = all_logits(&f16);
+    let load = |t| {
+        let opts = LoadOptions {
+            head_type: Some(t),
+            ..LoadOptions::default()
+        };
+        Model::load_with(&path, &opts).unwrap()
+    };
+    for (t, name, max_abs, min_cos) in [
+        (HeadType::Q8_0, "Q8_0 (requantized)", 0.1, 0.9999),
+        (HeadType::Q6_K, "Q6_K (requantized)", 0.4, 0.9996),
+    ] {
+        let m = load(t);
+        assert_eq!(m.weights.head_type_name(), name);
+        let d = diff(&all_logits(&m), &a, f16.config.n_vocab);
+        eprintln!(
+            "{name} vs f16 head, tiny model, {} rows: max |d| {:.5}, mean |d| {:.6}, min cos {:.7}, same argmax {}/{}",
+            d.rows, d.max_abs, d.mean_abs, d.min_cos, d.argmax_same, d.rows
+        );
+        assert!(
+            d.min_cos > min_cos && d.max_abs < max_abs,
+            "{name}: {}",
+            d.max_abs
+        );
+        assert!(d.argmax_same >= d.rows - 1, "{name}");
+    }
+
+    // "f16" keeps the head as stored.
+    assert_eq!(all_logits(&load(HeadType::F16)), a);
+}
+
+/// The requantized Q6_K head through the engine's matmul (the fast kernel this CPU has)
+/// against its own rows decoded by the format codec and multiplied in f64.
+#[test]
+fn q6_k_head_matmul_matches_its_decoded_rows() {
+    use bitnet_engine::weights::RequantizedHead;
+    let path = tiny("gguf/tiny-i2_s.gguf");
     let opts = LoadOptions {
-        head_type: Some(HeadType::Q8_0),
+        head_type: Some(HeadType::Q6_K),
         ..LoadOptions::default()
     };
-    let q8 = Model::load_with(&path, &opts).unwrap();
-    assert_eq!(q8.weights.head_type_name(), "Q8_0 (requantized)");
-    assert_eq!(f16.weights.head_type_name(), "F16");
-    let (a, b) = (all_logits(&f16), all_logits(&q8));
-    let d = diff(&b, &a, f16.config.n_vocab);
-    eprintln!(
-        "q8_0 vs f16 head, tiny model, {} rows: max |d| {:.5}, mean |d| {:.6}, min cos {:.7}, same argmax {}/{}",
-        d.rows, d.max_abs, d.mean_abs, d.min_cos, d.argmax_same, d.rows
-    );
-    assert!(d.min_cos > 0.9999 && d.max_abs < 0.1, "{}", d.max_abs);
-    assert!(d.argmax_same >= d.rows - 1);
-
-    // "f16" keeps the head as stored; q6_k is refused with a clear message.
-    let same = Model::load_with(
-        &path,
-        &LoadOptions {
-            head_type: Some(HeadType::F16),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(all_logits(&same), a);
-    let e = Model::load_with(
-        &path,
-        &LoadOptions {
-            head_type: Some(HeadType::Q6_K),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("q6_k"), "{e}");
+    let m = Model::load_with(&path, &opts).unwrap();
+    let Some(RequantizedHead::Q6_K(q)) = &m.weights.head_requantized else {
+        panic!("no Q6_K head");
+    };
+    let mut row = vec![0f32; q.cols];
+    let x: Vec<f32> = (0..q.cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let mut out = vec![0f32; q.rows];
+    q.matmul(m.isa, &x, 1, &mut out);
+    for r in (0..q.rows).step_by(97) {
+        q.row(r, &mut row);
+        let exact: f64 = row.iter().zip(&x).map(|(&w, &v)| w as f64 * v as f64).sum();
+        let bound: f64 = row
+            .iter()
+            .zip(&x)
+            .map(|(&w, &v)| (w as f64 * v as f64).abs())
+            .sum();
+        // The input's int8 rounding: at most half a step, 1/254 of max |x| = 1.
+        let l1: f64 = row.iter().map(|&w| w.abs() as f64).sum();
+        assert!(
+            (out[r] as f64 - exact).abs() <= l1 / 254.0 + 1e-5 * bound,
+            "row {r}: {} vs {exact}",
+            out[r]
+        );
+    }
 }
 
 /// `--no-mmap`: the ternary matrices (used from the file map, or repacked on the heap) and the

@@ -413,15 +413,103 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// ggml's `nearest_int`: round to nearest, ties to even.
+/// ggml's `nearest_int`: round to nearest, ties to even, by ggml's own trick: adding 1.5 * 2^23
+/// leaves the rounded integer in the low mantissa bits. It is exact for |v| < 2^22, where the
+/// argument is clamped first (the callers clamp the result to a few bits anyway), and unlike
+/// `round_ties_even` it is not a libm call without SSE4.1: the Q6_K quantizer calls it about
+/// 40 times per weight (20 s to requantize the 2B4T head with the call, see `--head-type`).
 #[inline]
 fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    let v = v.clamp(-4_194_303.0, 4_194_303.0);
+    ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// `nearest_int(y.clamp(-nmax, nmax - 1))` as a float: clamping first gives the same integer
+/// (the bounds are integers), and adding and subtracting 1.5 * 2^23 rounds half to even
+/// without a libm call, so the loops below vectorise.
+#[inline(always)]
+fn round_clamped(y: f32, nmax: f32) -> f32 {
+    (y.clamp(-nmax, nmax - 1.0) + 12_582_912.0) - 12_582_912.0
+}
+
+/// sum(w x l) and sum(w l^2) over a group of 16 for the levels l of one candidate scale: lane
+/// j adds values j and j + 8, then the 8 lanes are added pairwise as an AVX2 horizontal sum
+/// does. `AVX2` selects the intrinsics twin, which computes the same operations in the same
+/// order (so the same bits); the portable loop is what other CPUs run.
+#[inline(always)]
+fn candidate_sums<const AVX2: bool>(
+    iscale: f32,
+    nmax: f32,
+    x: &[f32; 16],
+    w: &[f32; 16],
+    wx: &[f32; 16],
+) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: AVX2 = true only in the AVX2 build of the quantizer.
+        return unsafe { candidate_sums_avx2(iscale, nmax, x, w, wx) };
+    }
+    let l: [f32; 16] = std::array::from_fn(|i| round_clamped(iscale * x[i], nmax));
+    let slx: [f32; 8] = std::array::from_fn(|j| wx[j] * l[j] + wx[j + 8] * l[j + 8]);
+    let sl2: [f32; 8] =
+        std::array::from_fn(|j| w[j] * l[j] * l[j] + w[j + 8] * l[j + 8] * l[j + 8]);
+    let hsum = |v: [f32; 8]| {
+        let a: [f32; 4] = std::array::from_fn(|j| v[j] + v[j + 4]);
+        (a[0] + a[2]) + (a[1] + a[3])
+    };
+    (hsum(slx), hsum(sl2))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn candidate_sums_avx2(
+    iscale: f32,
+    nmax: f32,
+    x: &[f32; 16],
+    w: &[f32; 16],
+    wx: &[f32; 16],
+) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let (lo, hi) = (_mm256_set1_ps(-nmax), _mm256_set1_ps(nmax - 1.0));
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let is = _mm256_set1_ps(iscale);
+    let level = |p: *const f32| {
+        let y = _mm256_mul_ps(is, _mm256_loadu_ps(p));
+        // clamp(-nmax, nmax - 1) as f32::clamp does, NaN included (max/min return their
+        // second operand when one is NaN).
+        let y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));
+        _mm256_sub_ps(_mm256_add_ps(y, magic), magic)
+    };
+    let (l0, l1) = (level(x.as_ptr()), level(x.as_ptr().add(8)));
+    let (w0, w1) = (
+        _mm256_loadu_ps(w.as_ptr()),
+        _mm256_loadu_ps(w.as_ptr().add(8)),
+    );
+    let (wx0, wx1) = (
+        _mm256_loadu_ps(wx.as_ptr()),
+        _mm256_loadu_ps(wx.as_ptr().add(8)),
+    );
+    let slx = _mm256_add_ps(_mm256_mul_ps(wx0, l0), _mm256_mul_ps(wx1, l1));
+    let sl2 = _mm256_add_ps(
+        _mm256_mul_ps(_mm256_mul_ps(w0, l0), l0),
+        _mm256_mul_ps(_mm256_mul_ps(w1, l1), l1),
+    );
+    let hsum = |v: __m256| {
+        let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let b = _mm_add_ps(a, _mm_movehl_ps(a, a)); // [a0 + a2, a1 + a3, ..]
+        _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)))
+    };
+    (hsum(slx), hsum(sl2))
 }
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (the form Q6_K's
-/// reference quantizer uses): the scale of a group and its levels `L` (offset by `nmax`).
-fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
+/// reference quantizer uses) for a group of 16: the scale and the levels `L` (offset by
+/// `nmax`). The 19 candidate scales are tried as ggml tries them; the sums run in 8 lanes
+/// (vector order, not ggml's serial order: the last bits of a sum may differ), and the levels
+/// are computed once, for the winner.
+#[inline(always)]
+fn make_qx_quants16<const AVX2: bool>(nmax: i32, x: &[f32; 16], l_out: &mut [i8; 16]) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -430,47 +518,44 @@ fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         }
     }
     if amax < 1e-15 {
-        l_out.iter_mut().for_each(|l| *l = 0);
+        *l_out = [0; 16];
         return 0.0;
     }
     let nmaxf = nmax as f32;
-    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let mut iscale = -nmaxf / max;
-    let (mut sumlx, mut suml2) = (0f32, 0f32);
-    for (i, &v) in x.iter().enumerate() {
-        let l = quant(iscale, v);
-        l_out[i] = (l + nmax) as i8;
-        let w = v * v;
-        sumlx += w * v * l as f32;
-        suml2 += w * l as f32 * l as f32;
-    }
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmaxf + 0.1 * is as f32) / max;
-        let (mut slx, mut sl2) = (0f32, 0f32);
-        for &v in x {
-            let l = quant(iscale, v);
-            let w = v * v;
-            slx += w * v * l as f32;
-            sl2 += w * l as f32 * l as f32;
-        }
+    let w: [f32; 16] = std::array::from_fn(|i| x[i] * x[i]);
+    let wx: [f32; 16] = std::array::from_fn(|i| w[i] * x[i]);
+    // The candidates in ggml's order (ggml's first guess, then -0.9 .. +0.9 around nmax), all
+    // evaluated before any is compared: independent sums pipeline; a compare after each
+    // stalled on it (3.5x slower).
+    let iscales: [f32; 19] = std::array::from_fn(|k| {
+        let is = [
+            0, -9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+        ][k];
+        -(nmaxf + 0.1 * is as f32) / max
+    });
+    let sums: [(f32, f32); 19] =
+        std::array::from_fn(|k| candidate_sums::<AVX2>(iscales[k], nmaxf, x, &w, &wx));
+    let (slx, sl2) = sums[0];
+    let mut best_iscale = iscales[0];
+    let mut scale = if sl2 != 0.0 { slx / sl2 } else { 0.0 };
+    let mut best = scale * slx;
+    for (&iscale, &(slx, sl2)) in iscales.iter().zip(&sums).skip(1) {
         if sl2 > 0.0 && slx * slx > best * sl2 {
-            for (i, &v) in x.iter().enumerate() {
-                l_out[i] = (nmax + quant(iscale, v)) as i8;
-            }
+            best_iscale = iscale;
             scale = slx / sl2;
             best = scale * slx;
         }
+    }
+    for (l, &v) in l_out.iter_mut().zip(x) {
+        *l = (nmax + round_clamped(best_iscale * v, nmaxf) as i32) as i8;
     }
     scale
 }
 
 /// Append one row as Q6_K (256-element blocks of 210 bytes: ql[128], qh[64], i8 scales[16],
-/// f16 d), following ggml's `quantize_row_q6_K_ref`.
+/// f16 d), following ggml's `quantize_row_q6_K_ref`. With AVX2 the same code is compiled for
+/// 8-wide vectors (identical results: same operations in the same order, no FMA): the output
+/// head of 2B4T (328 M weights) is requantized at load with it.
 pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
     if !x.len().is_multiple_of(256) {
         bail!(
@@ -478,16 +563,31 @@ pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
             x.len()
         );
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        unsafe { quantize_q6_k_avx2(x, out) };
+        return Ok(());
+    }
+    quantize_q6_k_blocks::<false>(x, out);
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q6_k_avx2(x: &[f32], out: &mut Vec<u8>) {
+    quantize_q6_k_blocks::<true>(x, out)
+}
+
+#[inline(always)]
+fn quantize_q6_k_blocks<const AVX2: bool>(x: &[f32], out: &mut Vec<u8>) {
     for xb in x.chunks_exact(256) {
-        let mut l = [0i8; 256];
+        let mut l = [[0i8; 16]; 16];
         let mut scales = [0f32; 16];
         let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
         for ib in 0..16 {
-            let s = make_qx_quants(
-                32,
-                &xb[16 * ib..16 * ib + 16],
-                &mut l[16 * ib..16 * ib + 16],
-            );
+            let group: &[f32; 16] = xb[16 * ib..16 * ib + 16].try_into().expect("16 values");
+            let s = make_qx_quants16::<AVX2>(32, group, &mut l[ib]);
             scales[ib] = s;
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
@@ -502,21 +602,18 @@ pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         let iscale = -128.0 / max_scale;
         let d = f16::from_f32(1.0 / iscale);
         blk[208..210].copy_from_slice(&d.to_le_bytes());
-        let mut sc = [0i8; 16];
-        for ib in 0..16 {
-            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
-            blk[192 + ib] = sc[ib] as u8;
-        }
         for j in 0..16 {
-            let dj = d.to_f32() * sc[j] as f32;
+            let sc = nearest_int(iscale * scales[j]).min(127) as i8;
+            blk[192 + j] = sc as u8;
+            let dj = d.to_f32() * sc as f32;
             if dj == 0.0 {
                 continue;
             }
-            for ii in 0..16 {
-                let q = nearest_int(xb[16 * j + ii] / dj).clamp(-32, 31);
-                l[16 * j + ii] = (q + 32) as i8;
+            for (q, &v) in l[j].iter_mut().zip(&xb[16 * j..16 * j + 16]) {
+                *q = (round_clamped(v / dj, 32.0) as i32 + 32) as i8;
             }
         }
+        let l: &[i8; 256] = l.as_flattened().try_into().expect("256 levels");
         let (ql, qh) = blk[..192].split_at_mut(128);
         for (half, j) in [0usize, 128].into_iter().enumerate() {
             let ql = &mut ql[64 * half..];
@@ -531,7 +628,6 @@ pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         }
         out.extend_from_slice(&blk);
     }
-    Ok(())
 }
 
 /// Append one row of f32 values in a float or block-quantized type (F32, F16, BF16, Q8_0,
@@ -557,6 +653,32 @@ pub fn quantize_row(dtype: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bit trick equals `round_ties_even` on every quarter step in -300..300 (halves
+    /// included), near the edge of its exact range and on its neighbours; beyond it the
+    /// argument is clamped, and NaN gives 0.
+    #[test]
+    fn nearest_int_is_round_ties_even() {
+        for i in -1200..=1200 {
+            let v = i as f32 / 4.0;
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+            for w in [v.next_up(), v.next_down()] {
+                assert_eq!(nearest_int(w), w.round_ties_even() as i32, "{w}");
+            }
+        }
+        for v in [
+            4_194_302.5f32,
+            -4_194_302.5,
+            4_194_303.0,
+            1e-30,
+            -0.49999997,
+        ] {
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+        assert_eq!(nearest_int(1e9), 4_194_303);
+        assert_eq!(nearest_int(f32::NEG_INFINITY), -4_194_303);
+        assert_eq!(nearest_int(f32::NAN), 0);
+    }
 
     /// The public encoders, taking values in {-1, 0, 1}.
     fn codes(vals: &[i8]) -> Vec<u8> {
@@ -810,5 +932,89 @@ mod tests {
         let mut q = Vec::new();
         quantize_row_q6_k(&[0.0; 256], &mut q).unwrap();
         assert!(q.iter().all(|&b| b == 0));
+    }
+
+    /// ggml's `make_qx_quants` (rmse_type 1, no importance weights) as ggml writes it: serial
+    /// sums, `nearest_int`, levels rewritten at every improvement.
+    fn make_qx_quants_serial(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
+        let max = x
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        if max.abs() < 1e-15 {
+            l_out.fill(0);
+            return 0.0;
+        }
+        let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        let (mut scale, mut best) = (0f32, 0f32);
+        for is in [0].into_iter().chain((-9..=9).filter(|&i| i != 0)) {
+            let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+            let (mut slx, mut sl2) = (0f32, 0f32);
+            for &v in x {
+                let (l, w) = (quant(iscale, v) as f32, v * v);
+                slx += w * v * l;
+                sl2 += w * l * l;
+            }
+            if is == 0 || (sl2 > 0.0 && slx * slx > best * sl2) {
+                scale = if sl2 != 0.0 { slx / sl2 } else { 0.0 };
+                best = scale * slx;
+                for (o, &v) in l_out.iter_mut().zip(x) {
+                    *o = (nmax + quant(iscale, v)) as i8;
+                }
+            }
+        }
+        scale
+    }
+
+    /// The vectorised group search picks what ggml's serial one picks: the same levels, or
+    /// (when the two sum orders round a near tie differently) levels whose weighted fit is as
+    /// good to 1e-6. And the AVX2 build of the row quantizer writes the portable one's bytes.
+    #[test]
+    fn q6_k_group_search_matches_ggml() {
+        let mut s = 7u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let fit = |x: &[f32], l: &[i8]| {
+            let (mut slx, mut sl2) = (0f64, 0f64);
+            for (&v, &l) in x.iter().zip(l) {
+                let (v, l, w) = (v as f64, (l as i32 - 32) as f64, (v * v) as f64);
+                slx += w * v * l;
+                sl2 += w * l * l;
+            }
+            if sl2 > 0.0 {
+                slx * slx / sl2
+            } else {
+                0.0
+            }
+        };
+        let (mut same, n) = (0, 4000);
+        let mut row = Vec::new();
+        for g in 0..n {
+            let mut x: [f32; 16] = std::array::from_fn(|_| rnd());
+            if g % 3 == 0 {
+                x[g % 16] *= 20.0; // an outlier
+            }
+            if g % 5 == 0 {
+                x.iter_mut().for_each(|v| *v = v.abs()); // all one sign
+            }
+            row.extend_from_slice(&x);
+            let (mut a, mut b) = ([0i8; 16], [0i8; 16]);
+            let sa = make_qx_quants16::<false>(32, &x, &mut a);
+            let sb = make_qx_quants_serial(32, &x, &mut b);
+            if a == b {
+                same += 1;
+                assert!((sa - sb).abs() <= 1e-5 * sb.abs(), "{sa} vs {sb}");
+            } else {
+                let (fa, fb) = (fit(&x, &a), fit(&x, &b));
+                assert!(fa >= fb * (1.0 - 1e-6), "group {g}: fit {fa} < {fb}");
+            }
+        }
+        // About 4% of these groups are such near ties (fits equal to 1e-7).
+        assert!(same >= n * 9 / 10, "only {same} of {n} groups identical");
+        let (mut fast, mut portable) = (Vec::new(), Vec::new());
+        quantize_row_q6_k(&row, &mut fast).unwrap();
+        quantize_q6_k_blocks::<false>(&row, &mut portable);
+        assert_eq!(fast, portable);
     }
 }

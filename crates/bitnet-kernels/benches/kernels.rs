@@ -16,9 +16,11 @@
 //! - `head_f16`: the F16 output head's dot products for 1 and 8 tokens (16384 rows of 2560, 84 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
 //! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
+//! - `head_q6k`: the same shape in ggml's 6-bit Q6_K blocks (`--head-type q6_k`);
 //! - `mem_read`: summing a 256 MB buffer on the kernels' worker pool: the machine's read
 //!   bandwidth with this many threads, the bound for batch-1 decoding.
 
+use bitnet_kernels::q6k;
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
 use bitnet_kernels::{float, quant, Isa};
@@ -255,6 +257,33 @@ fn head_q8(bencher: Bencher, c: &Case) {
     bencher
         .counter(BytesCount::new(m.bytes()))
         .bench_local(|| m.matmul(c.isa, black_box(&x), 1, &mut out));
+}
+
+/// The same head shape in ggml's Q6_K blocks (`--head-type q6_k`, 0.82 bytes per weight);
+/// random codes and scales, which cost what real ones do.
+#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+fn head_q6k(bencher: Bencher, c: &Case) {
+    let (_, x) = head_data();
+    let mut rng = Lcg(3);
+    let mut data = vec![0u8; HEAD_ROWS * HEAD_COLS / q6k::QK_K * q6k::BLOCK_BYTES];
+    for blk in data.chunks_exact_mut(q6k::BLOCK_BYTES) {
+        blk[..208].iter_mut().for_each(|v| *v = rng.next() as u8);
+        blk[208..].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+    }
+    let mut out = vec![0f32; HEAD_ROWS];
+    bencher
+        .counter(BytesCount::new(data.len()))
+        .bench_local(|| {
+            q6k::matmul(
+                c.isa,
+                &data,
+                HEAD_ROWS,
+                HEAD_COLS,
+                black_box(&x),
+                1,
+                &mut out,
+            )
+        });
 }
 
 /// Read bandwidth: sum a 256 MB buffer of u64 split over the worker pool (as the kernels

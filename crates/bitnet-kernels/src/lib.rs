@@ -5,6 +5,7 @@
 //! - [`ternary`]: int8 x ternary matrix products in the runtime packed layout.
 //! - [`float`]: f32/f16 dot products for the output head, RMSNorm, softmax.
 //! - [`q8`]: the output head requantized to 8-bit blocks (Q8_0 x Q8_0 products).
+//! - [`q6k`]: the output head in ggml's 6-bit Q6_K blocks (Q6_K x int8 products).
 //! - [`pool`]: the persistent worker pool the kernels run on (`rayon::current_num_threads()`
 //!   threads).
 
@@ -12,6 +13,7 @@
 mod emu512;
 pub mod float;
 pub mod pool;
+pub mod q6k;
 pub mod q8;
 pub mod quant;
 pub mod ternary;

@@ -30,7 +30,7 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 /// Clamping first changes nothing (the bounds are integers), and then `x - trunc(x)` is exact,
 /// so comparing it with 0.5 decides the rounding exactly.
 #[inline]
-fn round_to_i8(x: f32) -> i8 {
+pub(crate) fn round_to_i8(x: f32) -> i8 {
     let x = if x.is_nan() {
         0.0
     } else {
