@@ -16,7 +16,7 @@ use bitnet_formats::codecs::{self, ternary_row, tq2_row_to_i2s};
 use bitnet_formats::safetensors_dir::{HfDir, HfTensor};
 use bitnet_formats::{GgmlType, GgufFile, TensorInfo};
 use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
-use bitnet_kernels::q8::Q8Matrix;
+use bitnet_kernels::q8::{self, Q8Matrix};
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
 use bitnet_kernels::Isa;
 use bitnet_kernels::{pool, q6k, SyncPtr};
@@ -228,8 +228,9 @@ impl FloatMatrix {
         match self.dtype {
             GgmlType::F16 => matmul_f16(isa, &self.data, self.rows, self.cols, x, n_tok, out),
             GgmlType::Q6_K => q6k::matmul(isa, &self.data, self.rows, self.cols, x, n_tok, out),
+            GgmlType::Q8_0 => q8::matmul_ggml(isa, &self.data, self.rows, self.cols, x, n_tok, out),
             _ => {
-                // Decode the row into a per-thread buffer, then dot. Used for F32/BF16/Q8_0.
+                // Decode the row into a per-thread buffer, then dot. Used for F32/BF16.
                 thread_local! {
                     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
                 }
@@ -359,8 +360,8 @@ impl Weights {
 
     /// Use `t` for the output head: `F16` keeps the stored matrix; `Q8_0` and `Q6_K` make an
     /// owned copy in that type (the stored one stays, for embedding lookups when tied) and give
-    /// the memory-map pages read to build it back to the kernel. A head already stored as Q6_K
-    /// is used as it is for `Q6_K` (requantizing it again would only add error).
+    /// the memory-map pages read to build it back to the kernel. A head already stored in the
+    /// requested type is used as it is (requantizing it again would only add error).
     pub fn requantize_head(&mut self, t: HeadType) -> Result<()> {
         let h = self.head();
         // Give the stored pages back as the rows are done, not after the whole head (peak
@@ -377,6 +378,7 @@ impl Weights {
         let requantized = match t {
             HeadType::F16 => None,
             HeadType::Q6_K if h.dtype == GgmlType::Q6_K => None,
+            HeadType::Q8_0 if h.dtype == GgmlType::Q8_0 => None,
             HeadType::Q8_0 => Some(RequantizedHead::Q8_0(Q8Matrix::from_rows(
                 h.rows, h.cols, read_row,
             ))),
