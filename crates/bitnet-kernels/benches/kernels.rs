@@ -259,18 +259,22 @@ fn head_q8(bencher: Bencher, c: &Case) {
         .bench_local(|| m.matmul(c.isa, black_box(&x), 1, &mut out));
 }
 
-/// The same head shape in ggml's Q6_K blocks (`--head-type q6_k`, 0.82 bytes per weight);
-/// random codes and scales, which cost what real ones do.
-#[divan::bench(args = isa_cases(HEAD_ROWS, HEAD_COLS), max_time = 2)]
+/// The same head shape in ggml's Q6_K blocks (`--head-type q6_k`, 0.82 bytes per weight),
+/// for 1 and 8 tokens like `head_f16_matmul`; random codes and scales, which cost what real
+/// ones do.
+#[divan::bench(args = head_cases(), max_time = 2)]
 fn head_q6k(bencher: Bencher, c: &Case) {
-    let (_, x) = head_data();
+    let (_, x1) = head_data();
+    let x: Vec<f32> = (0..c.n_tok)
+        .flat_map(|t| x1.iter().map(move |v| v * (t + 1) as f32))
+        .collect();
     let mut rng = Lcg(3);
     let mut data = vec![0u8; HEAD_ROWS * HEAD_COLS / q6k::QK_K * q6k::BLOCK_BYTES];
     for blk in data.chunks_exact_mut(q6k::BLOCK_BYTES) {
         blk[..208].iter_mut().for_each(|v| *v = rng.next() as u8);
         blk[208..].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
     }
-    let mut out = vec![0f32; HEAD_ROWS];
+    let mut out = vec![0f32; c.n_tok * HEAD_ROWS];
     bencher
         .counter(BytesCount::new(data.len()))
         .bench_local(|| {
@@ -280,7 +284,7 @@ fn head_q6k(bencher: Bencher, c: &Case) {
                 HEAD_ROWS,
                 HEAD_COLS,
                 black_box(&x),
-                1,
+                c.n_tok,
                 &mut out,
             )
         });

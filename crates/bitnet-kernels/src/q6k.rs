@@ -85,30 +85,54 @@ pub fn matmul(
             let p = out_ptr.get();
             for r in range {
                 let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                for t in 0..n_tok {
-                    let (xt, dt) = (
-                        &xq.qs[t * cols..(t + 1) * cols],
-                        &xq.d[t * nb..(t + 1) * nb],
-                    );
-                    let v = if avx2 {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: a row of nb blocks; x of nb 256-blocks, scales and sums.
-                        unsafe {
-                            dot_avx2(
-                                row.as_ptr(),
-                                xt.as_ptr(),
-                                dt.as_ptr(),
-                                xq.bsums[16 * t * nb..].as_ptr(),
-                                nb,
-                            )
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        unreachable!()
+                let mut t = 0;
+                while t < n_tok {
+                    // Up to four tokens per pass over the row: its codes are unpacked once.
+                    let n = if avx2 {
+                        [4, 2, 1].into_iter().find(|&n| t + n <= n_tok).unwrap()
                     } else {
-                        dot_scalar(row, xt, dt)
+                        1
                     };
-                    // SAFETY: (t, r) pairs are disjoint between parts.
-                    unsafe { *p.add(t * rows + r) = v };
+                    let mut v = [0f32; 4];
+                    if avx2 {
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            let x = |i: usize| {
+                                let u = t + i.min(n - 1);
+                                (
+                                    xq.qs[u * cols..].as_ptr(),
+                                    xq.d[u * nb..].as_ptr(),
+                                    xq.bsums[16 * u * nb..].as_ptr(),
+                                )
+                            };
+                            // SAFETY: a row of nb blocks; each x of nb 256-blocks, scales and
+                            // sums (tokens past n repeat the last one and are not stored).
+                            unsafe {
+                                match n {
+                                    4 => {
+                                        v = dot_avx2::<4>(row.as_ptr(), std::array::from_fn(x), nb)
+                                    }
+                                    2 => v[..2].copy_from_slice(&dot_avx2::<2>(
+                                        row.as_ptr(),
+                                        std::array::from_fn(x),
+                                        nb,
+                                    )),
+                                    _ => v[0] = dot_avx2::<1>(row.as_ptr(), [x(0)], nb)[0],
+                                }
+                            }
+                        }
+                    } else {
+                        v[0] = dot_scalar(
+                            row,
+                            &xq.qs[t * cols..(t + 1) * cols],
+                            &xq.d[t * nb..(t + 1) * nb],
+                        );
+                    }
+                    for (i, &vi) in v.iter().enumerate().take(n) {
+                        // SAFETY: (t + i, r) pairs are disjoint between parts.
+                        unsafe { *p.add((t + i) * rows + r) = vi };
+                    }
+                    t += n;
                 }
             }
         });
@@ -158,22 +182,21 @@ fn has_avx2_fma_f16c() -> bool {
     })
 }
 
-/// One row, one input. Per 128 weights, the four 32-code vectors are rebuilt from two `ql`
-/// loads and one `qh` load (nibble masks and shifts; the 16-bit shifts leak bits between
-/// bytes only where the masks clear them), multiplied with `maddubs` (codes <= 63 and
-/// |x| <= 127 keep each pair sum inside i16) and weighted by the sub-block scales with `madd`:
-/// a shuffle spreads scale `2k` over the low and `2k + 1` over the high 128 bits, the two
-/// 16-code groups of vector `k`. The offset term starts the block's i32 sum; one FMA per block
+/// One row, `N` inputs (`(qs, d, bsums)` pointers). Per 128 weights, the four 32-code vectors
+/// are rebuilt once for all `N` tokens from two `ql` loads and one `qh` load (nibble masks and
+/// shifts; the 16-bit shifts leak bits between bytes only where the masks clear them), then
+/// multiplied with each token's values by `maddubs` (codes <= 63 and |x| <= 127 keep each
+/// pair sum inside i16) and weighted by the sub-block scales with `madd`: a shuffle spreads
+/// scale `2k` over the low and `2k + 1` over the high 128 bits, the two 16-code groups of
+/// vector `k`. The offset term starts each block's i32 sum; one FMA per block and token
 /// applies `d_w * d_x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(
+unsafe fn dot_avx2<const N: usize>(
     w: *const u8,
-    xq: *const i8,
-    xd: *const f32,
-    bsums: *const i16,
+    x: [(*const i8, *const f32, *const i16); N],
     nb: usize,
-) -> f32 {
+) -> [f32; N] {
     use std::arch::x86_64::*;
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
@@ -216,18 +239,19 @@ unsafe fn dot_avx2(
         )
     };
     let masks = [mask(0), mask(1), mask(2), mask(3)];
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
         let blk = w.add(BLOCK_BYTES * b);
         let ahead = blk.wrapping_add(PREFETCH_BLOCKS * BLOCK_BYTES) as *const i8;
         for line in 0..4 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
         }
-        let x = xq.add(QK_K * b);
-        let bs = _mm256_loadu_si256(bsums.add(16 * b) as *const __m256i);
-        let sc = _mm_loadu_si128(blk.add(192) as *const __m128i);
-        let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs);
-        let mut isum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+        let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
+        let mut isum: [__m256i; N] = std::array::from_fn(|t| {
+            let bs = _mm256_loadu_si256(x[t].2.add(16 * b) as *const __m256i);
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5);
+            _mm256_sub_epi32(_mm256_setzero_si256(), offset)
+        });
         for h in 0..2 {
             let ql0 = _mm256_loadu_si256(blk.add(64 * h) as *const __m256i);
             let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i);
@@ -253,22 +277,30 @@ unsafe fn dot_avx2(
                     _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
                 ),
             ];
-            for k in 0..4 {
-                let xv = _mm256_loadu_si256(x.add(128 * h + 32 * k) as *const __m256i);
-                let p = _mm256_maddubs_epi16(q[k], xv);
-                let s = _mm256_shuffle_epi8(sc8, masks[k]);
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
+            let s: [__m256i; 4] = std::array::from_fn(|k| _mm256_shuffle_epi8(sc8, masks[k]));
+            for (t, it) in isum.iter_mut().enumerate() {
+                let xt = x[t].0.add(QK_K * b + 128 * h);
+                for k in 0..4 {
+                    let xv = _mm256_loadu_si256(xt.add(32 * k) as *const __m256i);
+                    let p = _mm256_maddubs_epi16(q[k], xv);
+                    *it = _mm256_add_epi32(*it, _mm256_madd_epi16(p, s[k]));
+                }
             }
         }
         let d = (blk.add(208) as *const u16).read_unaligned();
         let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
-        let scale = _mm256_set1_ps(dw * *xd.add(b));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
+        for t in 0..N {
+            let scale = _mm256_set1_ps(dw * *x[t].1.add(b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), scale, acc[t]);
+        }
     }
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
+    std::array::from_fn(|t| {
+        let a = acc[t];
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    })
 }
 
 #[cfg(test)]
@@ -311,9 +343,9 @@ mod tests {
     }
 
     /// The scalar twin against the f64 product of ggml's decoded weights and the dequantized
-    /// input, and every ISA against the scalar twin, on row counts that leave 1-3
-    /// rows outside the four-row groups, one to eleven blocks and several tokens. Extreme
-    /// codes and scales (all bits set: code 63, scale -1; all clear: code 0) are included.
+    /// input, and every ISA against the scalar twin, on odd row counts, one to eleven blocks,
+    /// and 1 to 8 tokens (the AVX2 kernel's passes of 4, 2 and 1 tokens). Extreme codes and
+    /// scales (all bits set: code 63, scale -1; all clear: code 0) are included.
     #[test]
     fn q6k_matmul_kernels_agree_with_the_scalar_twin() {
         let mut rng = Lcg(23);
@@ -323,6 +355,8 @@ mod tests {
             (13, 2816, 3),
             (8, 256, 5),
             (7, 768, 1),
+            (3, 512, 7),
+            (2, 256, 8),
         ] {
             let mut data = random_rows(&mut rng, rows, cols);
             let blk = &mut data[..BLOCK_BYTES];
