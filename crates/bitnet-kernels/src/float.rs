@@ -416,14 +416,27 @@ pub fn par_rows<F>(rows: usize, n_tok: usize, cols: usize, x: &[f32], out: &mut 
 where
     F: Fn(usize, &[f32]) -> f32 + Sync,
 {
-    assert!(x.len() >= n_tok * cols && out.len() >= n_tok * rows);
+    assert!(x.len() >= n_tok * cols);
+    par_row_tokens(rows, n_tok, out, |r, t| {
+        row_dot(r, &x[t * cols..(t + 1) * cols])
+    })
+}
+
+/// `out[t * rows + r] = row_tok(r, t)` for every row r and token t, split by rows over the
+/// worker pool; each part reads its rows one after another (one sequential stream) and calls
+/// every token on a row while it is in L1.
+pub fn par_row_tokens<F>(rows: usize, n_tok: usize, out: &mut [f32], row_tok: F)
+where
+    F: Fn(usize, usize) -> f32 + Sync,
+{
+    assert!(out.len() >= n_tok * rows);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     pool::for_ranges(rows, 1, 64, |range| {
         let p = out_ptr.get();
         for r in range {
             for t in 0..n_tok {
                 // SAFETY: (t, r) pairs are disjoint between parts; `out` outlives the job.
-                unsafe { *p.add(t * rows + r) = row_dot(r, &x[t * cols..(t + 1) * cols]) };
+                unsafe { *p.add(t * rows + r) = row_tok(r, t) };
             }
         }
     });

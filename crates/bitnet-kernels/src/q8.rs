@@ -4,6 +4,7 @@
 //! product is computed as ggml's Q8_0 x Q8_0 dot: `sum_b d_w[b] * d_x[b] * sum_i w_i x_i`,
 //! with exact integer block sums. It reads about half the bytes of an F16 head per token.
 
+use crate::float::par_row_tokens;
 use crate::{pool, Isa, SyncPtr};
 use std::cell::RefCell;
 
@@ -114,32 +115,21 @@ impl Q8Matrix {
         let avx2 = false;
         let _ = isa;
         with_quantized_input(x, n_tok, cols, |xq, xd| {
-            let out_ptr = SyncPtr(out.as_mut_ptr());
-            pool::for_ranges(rows, 1, 256, |range| {
-                let p = out_ptr.get();
-                for r in range {
-                    let (w, wd) = (
-                        &self.qs[r * cp..(r + 1) * cp],
-                        &self.d[r * nb..(r + 1) * nb],
-                    );
-                    for t in 0..n_tok {
-                        let (xt, dt) = (&xq[t * cp..(t + 1) * cp], &xd[t * nb..(t + 1) * nb]);
-                        let v = if avx2 {
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: a row of nb blocks and scales; x the same.
-                            unsafe {
-                                dot_avx2(w.as_ptr(), wd.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb)
-                            }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            unreachable!()
-                        } else {
-                            dot_scalar(w, wd, xt, dt)
-                        };
-                        // SAFETY: (t, r) pairs are disjoint between parts.
-                        unsafe { *p.add(t * rows + r) = v };
-                    }
+            par_row_tokens(rows, n_tok, out, |r, t| {
+                let (w, wd) = (
+                    &self.qs[r * cp..(r + 1) * cp],
+                    &self.d[r * nb..(r + 1) * nb],
+                );
+                let (xt, dt) = (&xq[t * cp..(t + 1) * cp], &xd[t * nb..(t + 1) * nb]);
+                if avx2 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: a row of nb blocks and scales; x the same.
+                    return unsafe {
+                        dot_avx2(w.as_ptr(), wd.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb)
+                    };
                 }
-            });
+                dot_scalar(w, wd, xt, dt)
+            })
         });
     }
 }
@@ -198,29 +188,16 @@ pub fn matmul_ggml(
     let avx2 = false;
     let _ = isa;
     with_quantized_input(x, n_tok, cols, |xq, xd| {
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        pool::for_ranges(rows, 1, 256, |range| {
-            let p = out_ptr.get();
-            for r in range {
-                let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                for t in 0..n_tok {
-                    let (xt, dt) = (&xq[t * cols..(t + 1) * cols], &xd[t * nb..(t + 1) * nb]);
-                    let v = if avx2 {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: a row of nb blocks; x of nb blocks and scales.
-                        unsafe {
-                            dot_ggml_avx2(row.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb)
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        unreachable!()
-                    } else {
-                        dot_ggml_scalar(row, xt, dt)
-                    };
-                    // SAFETY: (t, r) pairs are disjoint between parts.
-                    unsafe { *p.add(t * rows + r) = v };
-                }
+        par_row_tokens(rows, n_tok, out, |r, t| {
+            let row = &data[r * row_bytes..(r + 1) * row_bytes];
+            let (xt, dt) = (&xq[t * cols..(t + 1) * cols], &xd[t * nb..(t + 1) * nb]);
+            if avx2 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a row of nb blocks; x of nb blocks and scales.
+                return unsafe { dot_ggml_avx2(row.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb) };
             }
-        });
+            dot_ggml_scalar(row, xt, dt)
+        })
     })
 }
 
