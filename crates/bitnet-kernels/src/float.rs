@@ -292,11 +292,18 @@ fn dot4_f16(isa: Isa, rows: [*const u8; F16_ROWS], x: &[f32]) -> [f32; F16_ROWS]
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_f16c() -> bool {
-    use std::sync::OnceLock;
-    static F16C: OnceLock<bool> = OnceLock::new();
-    *F16C.get_or_init(|| is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma"))
+/// FMA and F16C, detected once: what the AVX2 kernels of the float and block-quantized heads
+/// (here, `q8`, `q6k`) need on top of the AVX2 that `Isa::Avx2` and `Isa::Avx512Vnni`
+/// guarantee. Always false on other architectures.
+pub(crate) fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static F16C: OnceLock<bool> = OnceLock::new();
+        *F16C.get_or_init(|| is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,7 @@
 //! plus the sum of every 16 values, which carries the `- 32` offset: per block
 //! `d_w * d_x * (sum_j sc_j * sum_i q_i x_i - 32 * sum_j sc_j * bsum_j)`, exact in i32.
 
+use crate::float::has_f16c;
 use crate::{pool, q8::round_to_i8, Isa, SyncPtr};
 use std::cell::RefCell;
 
@@ -71,11 +72,7 @@ pub fn matmul(
     thread_local! {
         static XQ: RefCell<InputQ8K> = RefCell::new(InputQ8K::default());
     }
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = isa != Isa::Scalar && has_avx2_fma_f16c();
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
-    let _ = isa;
+    let avx2 = isa != Isa::Scalar && has_f16c();
     XQ.with(|buf| {
         let mut buf = buf.borrow_mut();
         buf.quantize(x, n_tok, cols);
@@ -98,7 +95,7 @@ pub fn matmul(
                         #[cfg(target_arch = "x86_64")]
                         {
                             let x = |i: usize| {
-                                let u = t + i.min(n - 1);
+                                let u = t + i;
                                 (
                                     xq.qs[u * cols..].as_ptr(),
                                     xq.d[u * nb..].as_ptr(),
@@ -106,7 +103,7 @@ pub fn matmul(
                                 )
                             };
                             // SAFETY: a row of nb blocks; each x of nb 256-blocks, scales and
-                            // sums (tokens past n repeat the last one and are not stored).
+                            // sums (tokens t..t + n exist).
                             unsafe {
                                 match n {
                                     4 => {
@@ -170,17 +167,6 @@ pub fn dot_scalar(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 /// How many blocks ahead of the current one each row is prefetched.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS: usize = 2;
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma_f16c() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
-}
 
 /// One row, `N` inputs (`(qs, d, bsums)` pointers). Per 128 weights, the four 32-code vectors
 /// are rebuilt once for all `N` tokens from two `ql` loads and one `qh` load (nibble masks and

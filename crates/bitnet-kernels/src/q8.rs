@@ -4,7 +4,7 @@
 //! product is computed as ggml's Q8_0 x Q8_0 dot: `sum_b d_w[b] * d_x[b] * sum_i w_i x_i`,
 //! with exact integer block sums. It reads about half the bytes of an F16 head per token.
 
-use crate::float::par_row_tokens;
+use crate::float::{has_f16c, par_row_tokens};
 use crate::{pool, Isa, SyncPtr};
 use std::cell::RefCell;
 
@@ -109,11 +109,7 @@ impl Q8Matrix {
     pub fn matmul(&self, isa: Isa, x: &[f32], n_tok: usize, out: &mut [f32]) {
         let (rows, cols, cp, nb) = (self.rows, self.cols, self.cp, self.cp / QK);
         assert!(x.len() >= n_tok * cols && out.len() >= n_tok * rows);
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = isa != Isa::Scalar && has_avx2_fma();
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
-        let _ = isa;
+        let avx2 = isa != Isa::Scalar && has_f16c();
         with_quantized_input(x, n_tok, cols, |xq, xd| {
             par_row_tokens(rows, n_tok, out, |r, t| {
                 let (w, wd) = (
@@ -182,11 +178,7 @@ pub fn matmul_ggml(
     let (nb, row_bytes) = (cols / QK, cols / QK * GGML_BLOCK_BYTES);
     assert!(data.len() >= rows * row_bytes);
     assert!(x.len() >= n_tok * cols && out.len() >= n_tok * rows);
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = isa != Isa::Scalar && has_avx2_fma() && is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
-    let _ = isa;
+    let avx2 = isa != Isa::Scalar && has_f16c();
     with_quantized_input(x, n_tok, cols, |xq, xd| {
         par_row_tokens(rows, n_tok, out, |r, t| {
             let row = &data[r * row_bytes..(r + 1) * row_bytes];
@@ -244,13 +236,6 @@ pub fn dot_scalar(w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
             dw * dx * s as f32
         })
         .sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 /// The AVX2 product of one row and one input, over blocks `b` whose weights start at
