@@ -35,10 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Largest number of tokens pushed through the layers at once; longer prompts are split.
-/// Bounds the scratch memory (about 20 * chunk * n_ff bytes: 17 MiB for 2B4T). 128 tokens
-/// already make the ternary GEMM compute-bound (each weight is reused 128 times), so 256 was
-/// no faster and cost 18 MiB more peak RSS (measured with pp512).
-pub const MAX_CHUNK: usize = 128;
+/// Bounds the scratch memory (about 16 * chunk * n_ff bytes: 6.6 MiB for 2B4T). 64 tokens
+/// already make the ternary GEMM compute-bound (each weight read from memory is used 64
+/// times): 128 and 256 were no faster (pp128 and pp512, one and two threads) and cost 6.7 and
+/// 25 MiB more peak RSS.
+pub const MAX_CHUNK: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelFormat {
@@ -165,6 +166,9 @@ impl Model {
             } else {
                 None
             };
+            // The metadata (for 2B4T, mostly the tokenizer's 128k tokens and 280k merges: about
+            // 7 MB) has been parsed: its file pages need not stay resident.
+            weights::release_map_range(&g.map(), 0..g.header.data_offset as usize);
             (
                 ModelFormat::Gguf {
                     version: g.version(),
@@ -362,9 +366,9 @@ impl Model {
                 );
             }
             sc.acts.quantize(&sc.xn, nt, e);
-            self.bitlinear(&w.wq, &sc.acts, &mut sc.isum, &mut sc.q);
-            self.bitlinear(&w.wk, &sc.acts, &mut sc.isum, &mut sc.k);
-            self.bitlinear(&w.wv, &sc.acts, &mut sc.isum, &mut sc.v);
+            self.bitlinear(&w.wq, &sc.acts, &mut sc.q);
+            self.bitlinear(&w.wk, &sc.acts, &mut sc.k);
+            self.bitlinear(&w.wv, &sc.acts, &mut sc.v);
             for t in 0..nt {
                 let (cos, sin) = (
                     &sc.cos[t * half..(t + 1) * half],
@@ -416,7 +420,7 @@ impl Model {
                 }
             }
             sc.acts.quantize(&sc.att, nt, q_dim);
-            self.bitlinear(&w.wo, &sc.acts, &mut sc.isum, &mut sc.xn);
+            self.bitlinear(&w.wo, &sc.acts, &mut sc.xn);
             sc.x[..nt * e]
                 .iter_mut()
                 .zip(&sc.xn)
@@ -432,8 +436,8 @@ impl Model {
                 );
             }
             sc.acts.quantize(&sc.xn, nt, e);
-            self.bitlinear(&w.w_gate, &sc.acts, &mut sc.isum, &mut sc.gate);
-            self.bitlinear(&w.w_up, &sc.acts, &mut sc.isum, &mut sc.up);
+            self.bitlinear(&w.w_gate, &sc.acts, &mut sc.gate);
+            self.bitlinear(&w.w_up, &sc.acts, &mut sc.up);
             let f = c.n_ff;
             for (g, u) in sc.gate[..nt * f].iter_mut().zip(&sc.up) {
                 *g = match c.activation {
@@ -452,7 +456,7 @@ impl Model {
                 }
             }
             sc.acts.quantize(&sc.gate, nt, f);
-            self.bitlinear(&w.w_down, &sc.acts, &mut sc.isum, &mut sc.xn);
+            self.bitlinear(&w.w_down, &sc.acts, &mut sc.xn);
             sc.x[..nt * e]
                 .iter_mut()
                 .zip(&sc.xn)
@@ -500,24 +504,27 @@ impl Model {
     pub fn apply_bitlinear(&self, lin: &BitLinear, x: &[f32], nt: usize) -> Vec<f32> {
         let mut acts = QuantizedActs::default();
         acts.quantize(x, nt, lin.cols);
-        let (mut isum, mut out) = (Vec::new(), vec![0.0; nt * lin.rows]);
-        self.bitlinear(lin, &acts, &mut isum, &mut out);
+        let mut out = vec![0.0; nt * lin.rows];
+        self.bitlinear(lin, &acts, &mut out);
         out
     }
 
-    /// `out[t, r] = isum[t, r] * beta / s_t` for every token of the quantized input.
-    fn bitlinear(&self, lin: &BitLinear, a: &QuantizedActs, isum: &mut Vec<i32>, out: &mut [f32]) {
+    /// `out[t, r] = isum[t, r] * beta / s_t` for every token of the quantized input, where the
+    /// integer sums `isum` are written to `out` itself and turned into floats in place: no
+    /// separate i32 buffer (3.4 MiB of scratch at a 128-token prompt chunk of 2B4T).
+    fn bitlinear(&self, lin: &BitLinear, a: &QuantizedActs, out: &mut [f32]) {
         let nt = a.n_tok;
         debug_assert_eq!(a.kp, lin.kp());
-        isum.resize(nt * lin.rows, 0);
+        let out = &mut out[..nt * lin.rows];
+        // SAFETY: i32 and f32 have the same size and alignment and every bit pattern is valid
+        // for both; `isum` is the only use of `out` until the GEMM returns.
+        let isum =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut i32, out.len()) };
         ternary::gemm(self.isa, lin.view(), &a.q, &a.sum, nt, isum);
-        for t in 0..nt {
+        for (t, row) in out.chunks_exact_mut(lin.rows).enumerate() {
             let s = a.scale[t];
-            for (o, &i) in out[t * lin.rows..(t + 1) * lin.rows]
-                .iter_mut()
-                .zip(&isum[t * lin.rows..(t + 1) * lin.rows])
-            {
-                *o = i as f32 / s * lin.beta;
+            for o in row {
+                *o = o.to_bits() as i32 as f32 / s * lin.beta;
             }
         }
     }
@@ -652,7 +659,6 @@ struct Scratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    isum: Vec<i32>,
     acts: QuantizedActs,
     tok_seq: Vec<usize>,
     tok_pos: Vec<usize>,

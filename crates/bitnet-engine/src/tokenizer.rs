@@ -385,6 +385,7 @@ impl Tokenizer {
             offsets.push(bytes.len());
         }
 
+        bytes.shrink_to_fit(); // grown by doubling: up to half of it unused
         let mut tok = Tokenizer {
             hf,
             bytes,
@@ -501,6 +502,7 @@ impl Tokenizer {
             }
         }
 
+        bytes.shrink_to_fit(); // grown by doubling: up to half of it unused
         let mut tok = Tokenizer {
             hf,
             bytes,

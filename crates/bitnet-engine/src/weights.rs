@@ -104,7 +104,7 @@ impl Bytes {
 const PAGE: usize = 4096;
 
 /// `madvise(DONTNEED)` on part of a read-only file mapping (rounded out to whole pages).
-fn release_map_range(map: &Mmap, range: Range<usize>) {
+pub(crate) fn release_map_range(map: &Mmap, range: Range<usize>) {
     if range.is_empty() {
         return;
     }
