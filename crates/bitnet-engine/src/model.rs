@@ -511,7 +511,7 @@ impl Model {
 
     /// `out[t, r] = isum[t, r] * beta / s_t` for every token of the quantized input, where the
     /// integer sums `isum` are written to `out` itself and turned into floats in place: no
-    /// separate i32 buffer (3.4 MiB of scratch at a 128-token prompt chunk of 2B4T).
+    /// separate i32 buffer (1.7 MiB of scratch at a 64-token prompt chunk of 2B4T).
     fn bitlinear(&self, lin: &BitLinear, a: &QuantizedActs, out: &mut [f32]) {
         let nt = a.n_tok;
         debug_assert_eq!(a.kp, lin.kp());

@@ -652,11 +652,11 @@ fn quantize_q6_k_blocks<const AVX2: bool>(x: &[f32], out: &mut Vec<u8>) {
         let iscale = -128.0 / max_scale;
         let d = f16::from_f32(1.0 / iscale);
         blk[208..210].copy_from_slice(&d.to_le_bytes());
-        let mut dj = [0f32; 16];
+        let (d, mut dj) = (d.to_f32(), [0f32; 16]);
         for j in 0..16 {
             let sc = nearest_int(iscale * scales[j]).min(127) as i8;
             blk[192 + j] = sc as u8;
-            dj[j] = d.to_f32() * sc as f32;
+            dj[j] = d * sc as f32;
         }
         // Every value's level (the groups whose dj is 0 divide by zero here, and are redone
         // below).
