@@ -139,14 +139,19 @@ pub fn print_warnings(warnings: &[String]) {
     }
 }
 
-/// The global load options (`--no-mmap`, `--kv-type`), set once by `main`.
+/// The global load options (`--no-mmap`, `--kv-type`, `--tq1-native`), set once by `main`.
 static GLOBAL_LOAD: std::sync::OnceLock<bitnet_engine::model::LoadOptions> =
     std::sync::OnceLock::new();
 
-pub fn set_global_load_options(no_mmap: bool, kv_type: bitnet_engine::model::KvType) {
+pub fn set_global_load_options(
+    no_mmap: bool,
+    kv_type: bitnet_engine::model::KvType,
+    tq1_native: bool,
+) {
     let _ = GLOBAL_LOAD.set(bitnet_engine::model::LoadOptions {
         no_mmap,
         kv_type,
+        tq1_native,
         ..Default::default()
     });
 }

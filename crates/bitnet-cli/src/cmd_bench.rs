@@ -321,9 +321,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .weights
         .layers
         .first()
-        .map(|l| l.wq.stored_as.split_whitespace().next().unwrap_or("?"))
-        .unwrap_or("?")
-        .to_string();
+        .map(|l| {
+            let stored = l.wq.stored_as.split_whitespace().next().unwrap_or("?");
+            match l.wq.layout {
+                bitnet_kernels::ternary::Layout::Tq1 => format!("{stored} native"),
+                bitnet_kernels::ternary::Layout::I2s => stored.to_string(),
+            }
+        })
+        .unwrap_or_else(|| "?".to_string());
     let head_type = model.weights.head_type_name();
     let model_type = format!(
         "{} {} {ternary_type}, head {head_type}",

@@ -37,7 +37,6 @@ use bitnet_formats::codecs;
 use bitnet_formats::gguf::{is_gguf, GgufStreamWriter};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{GgmlType, GgufFile, MetaValue};
-use bitnet_kernels::ternary;
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use std::io::{BufWriter, IsTerminal};
@@ -128,9 +127,8 @@ fn linear_codes(lin: &BitLinear, heads: Option<usize>) -> Vec<u8> {
         .enumerate()
         .for_each(|(r, dst)| {
             let src = heads.map_or(r, |h| permuted_source_row(r, h, rows));
-            let row = view.row(src);
             for (c, d) in dst.iter_mut().enumerate() {
-                *d = ternary::code_at(row, c);
+                *d = view.code(src, c);
             }
         });
     codes

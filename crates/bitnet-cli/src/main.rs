@@ -39,6 +39,11 @@ struct Cli {
     /// move slightly).
     #[arg(long, global = true, default_value = "f32")]
     kv_type: String,
+    /// Use TQ1_0 weights as stored (1.69 bits per weight: memory stays at the file's size)
+    /// instead of repacking them to 2 bits at load (19% more memory for the ternary weights,
+    /// about twice as fast to generate with; docs/PERFORMANCE.md).
+    #[arg(long, global = true)]
+    tq1_native: bool,
 }
 
 #[derive(Subcommand)]
@@ -87,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    args::set_global_load_options(cli.no_mmap, kv_type);
+    args::set_global_load_options(cli.no_mmap, kv_type, cli.tq1_native);
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a),
         Command::Chat(a) => cmd_chat::run(a),

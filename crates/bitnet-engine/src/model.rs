@@ -61,6 +61,11 @@ pub struct LoadOptions {
     pub no_mmap: bool,
     /// Element type of the KV cache of every session (`--kv-type`; default f32).
     pub kv_type: KvType,
+    /// Use TQ1_0 ternary matrices as stored, 1.69 bits per weight (`--tq1-native`), instead of
+    /// repacking them to the 2-bit layout at load. Resident memory then stays at the file's size
+    /// (2B4T: 80 MiB less), but matrix products decode 5 trits per byte: on an AVX2 CPU about
+    /// half the speed for one token at a time and 0.6-0.8x for prompts (docs/PERFORMANCE.md).
+    pub tq1_native: bool,
 }
 
 /// Element type of the KV cache (`--kv-type`). f32, the default, keeps keys and values
@@ -160,7 +165,8 @@ impl Model {
         } else if path.is_file() && gguf::is_gguf(path) {
             let g = GgufFile::open(path)?;
             let config = Config::from_gguf(&g)?;
-            let weights = weights::load_gguf_weights(&g, &config, lazy, &mut warnings)?;
+            let weights =
+                weights::load_gguf_weights(&g, &config, lazy, opts.tq1_native, &mut warnings)?;
             let tokenizer = if g.get("tokenizer.ggml.tokens").is_some() {
                 Some(Tokenizer::from_gguf(&g)?)
             } else {

@@ -17,7 +17,8 @@ use bitnet_formats::safetensors_dir::{HfDir, HfTensor};
 use bitnet_formats::{GgmlType, GgufFile, TensorInfo};
 use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
 use bitnet_kernels::q8::{self, Q8Matrix};
-use bitnet_kernels::ternary::{self, padded_len, TernaryView};
+use bitnet_kernels::ternary::{self, padded_len, Layout, TernaryView};
+use bitnet_kernels::tq1;
 use bitnet_kernels::Isa;
 use bitnet_kernels::{pool, q6k, SyncPtr};
 use memmap2::Mmap;
@@ -132,6 +133,8 @@ pub struct BitLinear {
     pub beta: f32,
     /// How it was stored ("I2_S", "TQ2_0", "F16 ternary", "packed uint8", "BF16 absmean", ...).
     pub stored_as: String,
+    /// How `data` holds the codes: the 2-bit runtime layout, or TQ1_0 blocks as in the file.
+    pub layout: Layout,
     /// Lazy loads only ([`crate::Model::load_lazy`]): where to read the matrix from. Such a
     /// BitLinear holds no codes (`data` is empty, `beta` NaN) and cannot be multiplied; decode
     /// it with [`LinearSource::decode`].
@@ -149,16 +152,24 @@ impl BitLinear {
     }
 
     pub fn view(&self) -> TernaryView<'_> {
-        TernaryView::new(&self.data, self.rows, self.kp())
+        match self.layout {
+            Layout::I2s => TernaryView::new(&self.data, self.rows, self.kp()),
+            Layout::Tq1 => TernaryView::tq1(&self.data, self.rows, self.kp()),
+        }
     }
 
     /// Ternary value (-1, 0, 1) of one weight, for tests and tools.
     pub fn value(&self, r: usize, c: usize) -> i8 {
-        ternary::code_at(self.view().row(r), c) as i8 - 1
+        self.view().code(r, c) as i8 - 1
     }
 
     /// Is every weight zero? (Some re-uploads of official checkpoints are broken that way.)
     pub fn all_zero(&self) -> bool {
+        if self.layout == Layout::Tq1 {
+            return self.data[..self.rows * tq1::row_bytes(self.kp())]
+                .par_chunks(tq1::BLOCK_BYTES * 1024)
+                .all(tq1::all_codes_one);
+        }
         // Every code is 1 (weight 0) exactly when every byte is 0b01010101: padding codes are
         // 1 too. Byte comparisons vectorise; this runs at load over every ternary matrix.
         let n = self.rows * self.kp() / 4;
@@ -636,6 +647,8 @@ enum SourceKind {
     Gguf {
         dtype: GgmlType,
         scale_mult: Option<f32>,
+        /// TQ1_0 only: keep the file's blocks (`--tq1-native`) instead of repacking to 2 bits.
+        tq1_native: bool,
     },
     /// Hugging Face uint8 codes packed 4 per byte along the output axis, with the output scale
     /// from `weight_scale`.
@@ -665,6 +678,7 @@ impl LinearSource {
             data: Bytes::Owned(Vec::new()),
             beta: f32::NAN,
             stored_as: "not decoded (lazy load)".to_string(),
+            layout: Layout::I2s,
             source: Some(self),
         }
     }
@@ -677,9 +691,39 @@ impl LinearSource {
         let (name, rows, cols) = (self.name.as_str(), self.rows, self.cols);
         let data = self.data();
         let n = rows * cols;
+        let mut layout = Layout::I2s;
         let (bytes, beta, stored_as, what) = match self.kind {
-            SourceKind::Gguf { dtype, scale_mult } => {
+            SourceKind::Gguf {
+                dtype,
+                scale_mult,
+                tq1_native,
+            } => {
                 let (bytes, beta, stored_as) = match dtype {
+                    GgmlType::TQ1_0 if tq1_native => {
+                        // `--tq1-native`: used as it is from the memory map by the TQ1_0
+                        // kernels (the 2-bit copy holds 19% more than the file, and decodes
+                        // about twice as fast). Every byte decodes to valid trits; only the
+                        // block scales need checking.
+                        layout = Layout::Tq1;
+                        let rb = tq1::row_bytes(cols);
+                        let scales = data[..rows * rb]
+                            .par_chunks(rb.max(1) * 64)
+                            .map(tq1_distinct_scales)
+                            .reduce(Vec::new, |mut a, b| {
+                                for v in b {
+                                    if !a.contains(&v) {
+                                        a.push(v);
+                                    }
+                                }
+                                a
+                            });
+                        let range = self.range.start..self.range.start + rows * rb;
+                        (
+                            Bytes::Mapped(self.map.clone(), range),
+                            one_scale(name, &scales)?,
+                            "TQ1_0".to_string(),
+                        )
+                    }
                     GgmlType::I2_S if cols.is_multiple_of(ternary::BLOCK) => {
                         // Rows are whole blocks: the file layout is the runtime layout. Only
                         // validate.
@@ -722,11 +766,7 @@ impl LinearSource {
                             })?
                         };
                         let scales = scales.into_inner().unwrap();
-                        let beta = match scales.as_slice() {
-                            [] => 0.0,
-                            [one] => *one,
-                            many => bail!("tensor {name:?}: its blocks have different scales ({} distinct, e.g. {} and {}), so it is not one ternary matrix", many.len(), many[0], many[1]),
-                        };
+                        let beta = one_scale(name, &scales)?;
                         (Bytes::Owned(packed), beta, dtype.name().to_string())
                     }
                     GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => {
@@ -798,6 +838,7 @@ impl LinearSource {
             data: bytes,
             beta,
             stored_as,
+            layout,
             source: None,
         };
         if lin.all_zero() {
@@ -809,6 +850,36 @@ impl LinearSource {
 
 // ---------------------------------------------------------------------------------------------
 // GGUF
+
+/// The one scale of a ternary matrix from its blocks' distinct scales (none: an empty matrix).
+fn one_scale(name: &str, scales: &[f32]) -> Result<f32> {
+    match scales {
+        [] => Ok(0.0),
+        [one] => Ok(*one),
+        many => bail!("tensor {name:?}: its blocks have different scales ({} distinct, e.g. {} and {}), so it is not one ternary matrix", many.len(), many[0], many[1]),
+    }
+}
+
+/// The distinct scales of some whole TQ1_0 blocks, as `codecs::ternary_row` reports them:
+/// blocks of only zero weights, or with a zero scale, do not count.
+fn tq1_distinct_scales(blocks: &[u8]) -> Vec<f32> {
+    let mut seen: Vec<f32> = Vec::new();
+    let mut last = None;
+    for b in blocks.chunks_exact(tq1::BLOCK_BYTES) {
+        let bits = u16::from_le_bytes([b[52], b[53]]);
+        if last == Some(bits) {
+            continue; // the common case: the same scale as the previous block
+        }
+        let d = half::f16::from_bits(bits).to_f32();
+        if d != 0.0 && !tq1::all_codes_one(b) {
+            last = Some(bits);
+            if !seen.contains(&d) {
+                seen.push(d);
+            }
+        }
+    }
+    seen
+}
 
 fn gguf_tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
     g.tensor(name)
@@ -824,7 +895,12 @@ fn check_dims(name: &str, got: &[u64], want: &[usize]) -> Result<()> {
 
 /// A BitLinear slot of a GGUF file: `cols` inputs, `rows` outputs (GGUF dims `[cols, rows]`).
 /// Checked here (shape, type, scale tensor); the codes are read by [`LinearSource::decode`].
-fn gguf_linear_source(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<LinearSource> {
+fn gguf_linear_source(
+    g: &GgufFile,
+    name: &str,
+    (rows, cols): (usize, usize),
+    tq1_native: bool,
+) -> Result<LinearSource> {
     let t = gguf_tensor(g, name)?;
     check_dims(name, &t.dims, &[cols, rows])?;
     if !matches!(
@@ -865,6 +941,7 @@ fn gguf_linear_source(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Res
         kind: SourceKind::Gguf {
             dtype: t.dtype,
             scale_mult,
+            tq1_native,
         },
     })
 }
@@ -926,11 +1003,13 @@ impl RepackedSources {
 }
 
 /// The weights of a GGUF file. `lazy`: keep each ternary matrix as its [`LinearSource`]
-/// instead of decoding it (see [`crate::Model::load_lazy`]).
+/// instead of decoding it (see [`crate::Model::load_lazy`]). `tq1_native`: TQ1_0 matrices are
+/// used as stored rather than repacked (see [`crate::model::LoadOptions::tq1_native`]).
 pub fn load_gguf_weights(
     g: &GgufFile,
     c: &Config,
     lazy: bool,
+    tq1_native: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Weights> {
     let (e, f, q, kv) = (c.n_embd, c.n_ff, c.q_dim(), c.kv_dim());
@@ -939,7 +1018,8 @@ pub fn load_gguf_weights(
     for i in 0..c.n_layer {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         let mut lin = |s: &str, rows, cols| {
-            repacked.load(gguf_linear_source(g, &n(s), rows, cols)?, lazy, warnings)
+            let src = gguf_linear_source(g, &n(s), (rows, cols), tq1_native)?;
+            repacked.load(src, lazy, warnings)
         };
         let sub = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
             if c.sub_norms {

@@ -293,3 +293,50 @@ fn out_of_vocabulary_token_and_overlong_prompt() {
     // The session is still usable after the errors.
     m.forward(&mut s, &[1, 2, 3], false).unwrap();
 }
+
+/// A TQ1_0 matrix is one ternary matrix with one scale: a block with another scale is an error
+/// naming the tensor, both repacked and used as stored (`--tq1-native`). A block of only zero
+/// weights may carry any scale (converters write its own absmax, 0).
+#[test]
+fn tq1_0_block_scales_must_agree() {
+    use bitnet_engine::model::LoadOptions;
+    let d = tmp_dir("tq1scale");
+    let src = data("gguf/tiny-tq1_0.gguf");
+    let name = "blk.0.attn_q.weight";
+    let edit_block = |zero_codes: bool| {
+        rewrite(&src, |w| {
+            let t = w.tensors.iter_mut().find(|t| t.0 == name).unwrap();
+            assert_eq!(t.2, 34, "{name} is TQ1_0");
+            let blk = &mut t.3[5 * 54..6 * 54];
+            if zero_codes {
+                blk[..48].fill(0x80); // five zero weights (trit 1) per byte
+                blk[48..52].fill(0x7F); // four per byte
+            }
+            let d = half::f16::from_le_bytes([blk[52], blk[53]]).to_f32();
+            blk[52..54].copy_from_slice(&half::f16::from_f32(d * 1.5 + 0.25).to_le_bytes());
+        })
+    };
+    let native = LoadOptions {
+        tq1_native: true,
+        ..Default::default()
+    };
+    let p = d.path().join("scale.gguf");
+    std::fs::write(&p, edit_block(false)).unwrap();
+    let msg = load_err(&p);
+    assert!(
+        msg.contains(name) && msg.contains("different scales"),
+        "{msg}"
+    );
+    let msg = Model::load_with(&p, &native).err().unwrap().to_string();
+    assert!(
+        msg.contains(name) && msg.contains("different scales"),
+        "{msg}"
+    );
+    let p = d.path().join("zero-block.gguf");
+    std::fs::write(&p, edit_block(true)).unwrap();
+    let a = Model::load(&p).unwrap();
+    let b = Model::load_with(&p, &native).unwrap();
+    let (la, lb) = (&a.weights.layers[0].wq, &b.weights.layers[0].wq);
+    assert_eq!(la.beta, lb.beta);
+    assert!((0..la.cols).all(|c| la.value(5, c) == 0 && lb.value(5, c) == 0));
+}

@@ -133,12 +133,23 @@ fn assert_single_token_close(what: &str, got: &[f32], want: &[f32]) {
 /// End-to-end logits of one forward over each prompt (no cache reuse), and greedy decoding with
 /// the KV cache, against the golden of exactly this file.
 fn check_model(model_rel: &str, golden_rel: &str, greedy_json: &str, greedy_fmt: &str) {
+    let opts = bitnet_engine::model::LoadOptions::default();
+    check_model_with(model_rel, golden_rel, greedy_json, greedy_fmt, &opts)
+}
+
+fn check_model_with(
+    model_rel: &str,
+    golden_rel: &str,
+    greedy_json: &str,
+    greedy_fmt: &str,
+    opts: &bitnet_engine::model::LoadOptions,
+) {
     let base = if model_rel.starts_with(FALCON) {
         FALCON
     } else {
         ""
     };
-    let model = Model::load(&data_dir().join(model_rel)).unwrap();
+    let model = Model::load_with(&data_dir().join(model_rel), opts).unwrap();
     let v = model.config.n_vocab;
     let golden = load_tensors(golden_rel);
     let greedy = &golden_json(greedy_json)["formats"][greedy_fmt]["greedy"];
@@ -264,6 +275,46 @@ fn gguf_tq1_0_matches_golden() {
         "gguf/golden_gguf-tq1_0.safetensors",
         "gguf/golden_gguf.json",
         "tq1_0",
+    );
+}
+
+/// `--tq1-native`: the TQ1_0 matrices are used as stored (from the file map, no heap copy) with
+/// the codes and scales of the repacked load, and the logits meet the same golden bars through
+/// the TQ1_0 kernels (prompts of 7 and 64 tokens take the blocked GEMM, greedy steps the
+/// one-token path).
+#[test]
+fn gguf_tq1_0_native_matches_golden() {
+    use bitnet_engine::model::LoadOptions;
+    use bitnet_kernels::ternary::Layout;
+    let path = data_dir().join("gguf/tiny-tq1_0.gguf");
+    let opts = LoadOptions {
+        tq1_native: true,
+        ..Default::default()
+    };
+    let native = Model::load_with(&path, &opts).unwrap();
+    let repacked = Model::load(&path).unwrap();
+    let mut kept = 0;
+    for (a, b) in repacked.weights.linears().zip(native.weights.linears()) {
+        if b.layout == Layout::Tq1 {
+            kept += 1;
+            assert!(b.data.is_mapped(), "{}", b.name);
+            assert_eq!(a.layout, Layout::I2s);
+        }
+        assert_eq!(a.beta.to_bits(), b.beta.to_bits(), "{}", b.name);
+        for r in 0..a.rows {
+            for c in 0..a.cols {
+                assert_eq!(a.value(r, c), b.value(r, c), "{} [{r}, {c}]", b.name);
+            }
+        }
+    }
+    assert!(kept >= 5, "only {kept} matrices kept as TQ1_0");
+    assert!(native.weights.ternary_bytes_held() < repacked.weights.ternary_bytes_held());
+    check_model_with(
+        "gguf/tiny-tq1_0.gguf",
+        "gguf/golden_gguf-tq1_0.safetensors",
+        "gguf/golden_gguf.json",
+        "tq1_0",
+        &opts,
     );
 }
 

@@ -5,6 +5,7 @@
 //!   previous AVX2 kernel (copied below as the baseline), and every ISA this CPU runs;
 //! - the output head (128256 x 2560): F16 one row per call (previous), F16 four rows per call,
 //!   and the Q8_0 requantized head;
+//! - TQ1_0 blocks used as stored (`tq1`) next to the 2-bit layout of the same shape;
 //! - per-call dispatch cost of the worker pool against rayon.
 //!
 //! `stream` (default) cycles through enough copies of each matrix to exceed the last-level
@@ -15,6 +16,7 @@
 use bitnet_kernels::float::{dot_f16, matmul_f16, par_rows};
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
+use bitnet_kernels::tq1;
 use bitnet_kernels::{Isa, SyncPtr};
 use std::time::Instant;
 
@@ -281,6 +283,42 @@ fn main() {
                         let t = time(|| ternary::gemm(isa, next(), &q, &qsum, n_tok, &mut out), 0.6);
                         line(threads, &name, isa.name(), t, bytes, macs, &mut base);
                     }
+                }
+            }
+            // TQ1_0 blocks as stored in the file, next to the 2-bit layout of the same shape.
+            for &(rows, k) in &[(2560usize, 2560usize), (6912, 2560), (2560, 6912)] {
+                let (b2, b1) = (rows * k / 4, rows * tq1::row_bytes(k));
+                let copies = stream_bytes.div_ceil(b1).max(1);
+                let two: Vec<u8> = (0..b2 * copies).map(|_| rng.next() as u8 & 0x55).collect();
+                let one: Vec<u8> = (0..b1 * copies).map(|_| rng.next() as u8).collect();
+                for n_tok in [1usize, 128] {
+                    let name = format!("tq1 {rows}x{k} n={n_tok}");
+                    if !has(&name) {
+                        continue;
+                    }
+                    let q: Vec<i8> = (0..n_tok * k).map(|_| rng.next() as i8).collect();
+                    let qsum = vec![0i32; n_tok];
+                    let mut out = vec![0i32; n_tok * rows];
+                    let (mut base, macs, isa) = (None, rows * k * n_tok, Isa::detect());
+                    let mut i = 0;
+                    let t = time(
+                        || {
+                            i = (i + 1) % copies;
+                            let v = TernaryView::new(&two[i * b2..], rows, k);
+                            ternary::gemm(isa, v, &q, &qsum, n_tok, &mut out)
+                        },
+                        0.6,
+                    );
+                    line(threads, &name, "2-bit", t, b2, macs, &mut base);
+                    let t = time(
+                        || {
+                            i = (i + 1) % copies;
+                            let v = TernaryView::tq1(&one[i * b1..], rows, k);
+                            ternary::gemm(isa, v, &q, &qsum, n_tok, &mut out)
+                        },
+                        0.6,
+                    );
+                    line(threads, &name, "tq1_0", t, b1, macs, &mut base);
                 }
             }
             let (rows, cols) = (128256usize, 2560usize);

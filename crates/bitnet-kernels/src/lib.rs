@@ -3,6 +3,7 @@
 //!
 //! - [`quant`]: per-token int8 activation quantization (BitNet's absmax scheme).
 //! - [`ternary`]: int8 x ternary matrix products in the runtime packed layout.
+//! - [`tq1`]: the same products on TQ1_0 blocks as stored in the file (1.69 bits per weight).
 //! - [`float`]: f32/f16 dot products for the output head, RMSNorm, softmax.
 //! - [`q8`]: the output head requantized to 8-bit blocks (Q8_0 x Q8_0 products).
 //! - [`q6k`]: the output head in ggml's 6-bit Q6_K blocks (Q6_K x int8 products).
@@ -17,6 +18,7 @@ pub mod q6k;
 pub mod q8;
 pub mod quant;
 pub mod ternary;
+pub mod tq1;
 
 pub use ternary::Isa;
 

@@ -58,27 +58,76 @@ pub fn dot_scalar(row: &[u8], q: &[i8]) -> i32 {
         .sum()
 }
 
-/// A ternary matrix in the runtime layout, borrowed.
+/// How a matrix's codes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Row-I2S (this module): 2 bits per weight, rows padded to 128.
+    I2s,
+    /// llama.cpp's TQ1_0 blocks as in the file ([`crate::tq1`]): 1.69 bits per weight, rows
+    /// of whole 256-blocks.
+    Tq1,
+}
+
+/// A ternary matrix, borrowed.
 #[derive(Clone, Copy)]
 pub struct TernaryView<'a> {
     pub data: &'a [u8],
     pub rows: usize,
-    /// Padded row length (multiple of 128).
+    /// Padded row length (multiple of 128; of 256 for TQ1_0), the activations' row length.
     pub kp: usize,
+    pub layout: Layout,
 }
 
 impl<'a> TernaryView<'a> {
+    /// A matrix in the row-I2S layout.
     pub fn new(data: &'a [u8], rows: usize, kp: usize) -> Self {
         assert!(
             kp.is_multiple_of(BLOCK) && data.len() >= rows * kp / 4,
             "ternary view out of bounds"
         );
-        TernaryView { data, rows, kp }
+        TernaryView {
+            data,
+            rows,
+            kp,
+            layout: Layout::I2s,
+        }
+    }
+
+    /// A matrix of TQ1_0 blocks, `kp` weights per row.
+    pub fn tq1(data: &'a [u8], rows: usize, kp: usize) -> Self {
+        assert!(
+            kp.is_multiple_of(crate::tq1::BLOCK) && data.len() >= rows * crate::tq1::row_bytes(kp),
+            "TQ1_0 view out of bounds"
+        );
+        TernaryView {
+            data,
+            rows,
+            kp,
+            layout: Layout::Tq1,
+        }
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        match self.layout {
+            Layout::I2s => self.kp / 4,
+            Layout::Tq1 => crate::tq1::row_bytes(self.kp),
+        }
     }
 
     #[inline]
     pub fn row(&self, r: usize) -> &'a [u8] {
-        &self.data[r * self.kp / 4..(r + 1) * self.kp / 4]
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Code (`w + 1`) of element `e` of row `r`.
+    #[inline]
+    pub fn code(&self, r: usize, e: usize) -> u8 {
+        match self.layout {
+            Layout::I2s => code_at(self.row(r), e),
+            Layout::Tq1 => crate::tq1::code_at(self.row(r), e),
+        }
     }
 }
 
@@ -191,11 +240,14 @@ pub fn gemm(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out:
         // SAFETY: each part writes only the elements of its own rows for every token, which
         // no other part touches; `out` outlives the job.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        gemm_rows(isa, w, q, qsum, n_tok, rows, out);
+        match w.layout {
+            Layout::I2s => gemm_rows(isa, w, q, qsum, n_tok, rows, out),
+            Layout::Tq1 => crate::tq1::gemm_rows(isa, w, q, qsum, n_tok, rows, out),
+        }
     });
 }
 
-/// Single-threaded kernel over a range of rows.
+/// Single-threaded kernel over a range of rows (row-I2S layout; `gemm` picks the layout).
 pub fn gemm_rows(
     isa: Isa,
     w: TernaryView,
@@ -207,6 +259,7 @@ pub fn gemm_rows(
 ) {
     assert!(rows.end <= w.rows && q.len() >= n_tok * w.kp && qsum.len() >= n_tok);
     assert!(out.len() >= n_tok * w.rows);
+    assert_eq!(w.layout, Layout::I2s, "row-I2S kernel on another layout");
     match isa {
         Isa::Scalar => {
             for r in rows {
@@ -357,12 +410,12 @@ unsafe fn drive<const R: usize, const T: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    pub(crate) unsafe fn hsum_epi32(v: __m256i) -> i32 {
         let lo = _mm256_castsi256_si128(v);
         let hi = _mm256_extracti128_si256(v, 1);
         let s = _mm_add_epi32(lo, hi);
@@ -394,7 +447,7 @@ mod avx2 {
     /// Sum of eight i32 vectors' lanes, one sum per vector, in order.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum8(v: &[__m256i; 8]) -> __m256i {
+    pub(crate) unsafe fn hsum8(v: &[__m256i; 8]) -> __m256i {
         let a = _mm256_hadd_epi32(v[0], v[1]);
         let b = _mm256_hadd_epi32(v[2], v[3]);
         let c = _mm256_hadd_epi32(v[4], v[5]);
