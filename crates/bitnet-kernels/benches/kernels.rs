@@ -13,6 +13,7 @@
 //!   2560x2560 q/o, 6912x2560 gate/up, 2560x6912 down) for 1 token (GEMV), 8 and 64 tokens
 //!   (the scalar reference for 1 token only: it does not batch); the benchmark cycles through
 //!   128 MB of copies of the matrix, so the weights stream from memory as in decoding;
+//! - `tq1_gemm`: the same products on TQ1_0 blocks as stored in the file (`--tq1-native`);
 //! - `head_f16`: the F16 output head's dot products for 1 and 8 tokens (16384 rows of 2560, 84 MB: streamed from
 //!   memory like the real 128256-row head), per-row `dot_f16` and the blocked `matmul_f16`;
 //! - `head_q8`: the same rows requantized to 8-bit blocks (`--head-type q8_0`);
@@ -23,6 +24,7 @@
 use bitnet_kernels::q6k;
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
+use bitnet_kernels::tq1;
 use bitnet_kernels::{float, quant, Isa};
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
@@ -153,18 +155,43 @@ fn ternary_gemm(bencher: Bencher, c: &Case) {
     for i in 1..copies {
         data.copy_within(..one, i * one);
     }
-    let mut q = vec![0i8; c.n_tok * kp];
-    let mut qsum = vec![0i32; c.n_tok];
-    for t in 0..c.n_tok {
-        for e in 0..c.cols {
-            q[t * kp + e] = (rng.next() % 255) as i8;
-        }
-        qsum[t] = q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum();
-    }
+    let (q, qsum) = activations(&mut rng, c.n_tok, c.cols, kp);
     let mut out = vec![0i32; c.n_tok * c.rows];
     let mut next = 0;
     bencher.counter(BytesCount::new(one)).bench_local(|| {
         let w = TernaryView::new(&data[next * one..(next + 1) * one], c.rows, kp);
+        next = (next + 1) % copies;
+        ternary::gemm(c.isa, w, black_box(&q), &qsum, c.n_tok, &mut out)
+    });
+}
+
+/// Random int8 activations for `n_tok` tokens (rows of `kp`, zero past `cols`) and their sums.
+fn activations(rng: &mut Lcg, n_tok: usize, cols: usize, kp: usize) -> (Vec<i8>, Vec<i32>) {
+    let mut q = vec![0i8; n_tok * kp];
+    let mut qsum = vec![0i32; n_tok];
+    for t in 0..n_tok {
+        for e in 0..cols {
+            q[t * kp + e] = (rng.next() % 255) as i8;
+        }
+        qsum[t] = q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum();
+    }
+    (q, qsum)
+}
+
+/// The same products on TQ1_0 blocks used as stored (`--tq1-native`; AVX-512 CPUs run the
+/// AVX2 kernel): compare with `ternary_gemm` of the same shape and token count.
+#[divan::bench(args = gemm_cases(), max_time = 2)]
+fn tq1_gemm(bencher: Bencher, c: &Case) {
+    let mut rng = Lcg(4);
+    let one = c.rows * tq1::row_bytes(c.cols);
+    let copies = STREAM_BYTES.div_ceil(one);
+    // Any byte is five valid trits; the scales are not read by the kernels.
+    let data: Vec<u8> = (0..one * copies).map(|_| rng.next() as u8).collect();
+    let (q, qsum) = activations(&mut rng, c.n_tok, c.cols, c.cols);
+    let mut out = vec![0i32; c.n_tok * c.rows];
+    let mut next = 0;
+    bencher.counter(BytesCount::new(one)).bench_local(|| {
+        let w = TernaryView::tq1(&data[next * one..(next + 1) * one], c.rows, c.cols);
         next = (next + 1) % copies;
         ternary::gemm(c.isa, w, black_box(&q), &qsum, c.n_tok, &mut out)
     });
