@@ -103,6 +103,45 @@ fn logits_json_shape_and_values() {
     }
 }
 
+/// `--tq1-native` (a global option: before or after the subcommand) runs the TQ1_0 kernels on
+/// the file's blocks; the integer sums are exact either way, so the logits equal the repacked
+/// run's to the last printed digit, for one token (GEMV) and a 7-token prompt (GEMM).
+#[test]
+fn tq1_native_logits_equal_the_repacked_ones() {
+    let model = data("gguf/tiny-tq1_0.gguf");
+    let toks = "1,17,1023,300,5,512,42";
+    let base = stdout(&bitnet(&[
+        "logits", "-m", &model, "--tokens", toks, "--all",
+    ]));
+    let native = stdout(&bitnet(&[
+        "--tq1-native",
+        "logits",
+        "-m",
+        &model,
+        "--tokens",
+        toks,
+        "--all",
+    ]));
+    assert!(base.contains("[[") && base.len() > 1000);
+    assert_eq!(native, base);
+    let one = |extra: &[&str]| {
+        let mut args = vec!["logits", "-m", &model, "--tokens", "42"];
+        args.extend_from_slice(extra);
+        stdout(&bitnet(&args))
+    };
+    assert_eq!(one(&["--tq1-native"]), one(&[]));
+    // The option did take effect: `bench` names the layout it ran.
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "-m", &model, "-p", "8", "-n", "2", "-r", "1", "-t", "1",
+        ];
+        args.extend_from_slice(extra);
+        stdout(&bitnet(&args))
+    };
+    assert!(bench(&["--tq1-native"]).contains("TQ1_0 native,"));
+    assert!(bench(&[]).contains("TQ1_0,"));
+}
+
 #[test]
 fn logits_numbers_round_trip_exactly() {
     // The printed decimal must parse back to the very f32 the engine computed.

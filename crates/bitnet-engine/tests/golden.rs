@@ -309,6 +309,20 @@ fn gguf_tq1_0_native_matches_golden() {
     }
     assert!(kept >= 5, "only {kept} matrices kept as TQ1_0");
     assert!(native.weights.ternary_bytes_held() < repacked.weights.ternary_bytes_held());
+    // Both kernels give exact integer sums: the logits are the same bits.
+    for p in ["len1", "len7", "len64"] {
+        let toks = prompt(p);
+        let run = |m: &Model| {
+            m.forward(&mut m.new_session(128), &toks, true)
+                .unwrap()
+                .to_vec()
+        };
+        let (a, b) = (run(&repacked), run(&native));
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{p}"
+        );
+    }
     check_model_with(
         "gguf/tiny-tq1_0.gguf",
         "gguf/golden_gguf-tq1_0.safetensors",
