@@ -261,14 +261,7 @@ pub fn gemm_rows(
     assert!(out.len() >= n_tok * w.rows);
     assert_eq!(w.layout, Layout::I2s, "row-I2S kernel on another layout");
     match isa {
-        Isa::Scalar => {
-            for r in rows {
-                let row = w.row(r);
-                for t in 0..n_tok {
-                    out[t * w.rows + r] = dot_scalar(row, &q[t * w.kp..(t + 1) * w.kp]);
-                }
-            }
-        }
+        Isa::Scalar => gemm_rows_scalar(w, q, n_tok, rows, out),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(
@@ -291,7 +284,7 @@ pub fn gemm_rows(
                         }
                     }
                 } else {
-                    avx2::gemm_blocked(w, q, qsum, n_tok, rows, out)
+                    avx2::gemm_blocked::<false>(w, q, qsum, n_tok, rows, out)
                 }
             }
         }
@@ -335,6 +328,26 @@ pub fn gemm_rows(
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("x86 kernel selected on a non-x86 CPU"),
+    }
+}
+
+/// The scalar reference for either layout: one row's dot product per token.
+pub(crate) fn gemm_rows_scalar(
+    w: TernaryView,
+    q: &[i8],
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [i32],
+) {
+    for r in rows {
+        let row = w.row(r);
+        for t in 0..n_tok {
+            let q = &q[t * w.kp..(t + 1) * w.kp];
+            out[t * w.rows + r] = match w.layout {
+                Layout::I2s => dot_scalar(row, q),
+                Layout::Tq1 => crate::tq1::dot_scalar(row, q),
+            };
+        }
     }
 }
 
@@ -501,12 +514,27 @@ pub(crate) mod avx2 {
         out
     }
 
+    /// The blocked GEMM's view of a layout (`TQ1`: [`crate::tq1`]'s blocks, else row-I2S):
+    /// weights and bytes per block, blocks per k-chunk.
+    #[inline(always)]
+    fn geometry<const TQ1: bool>() -> (usize, usize, usize) {
+        if TQ1 {
+            (
+                crate::tq1::BLOCK,
+                crate::tq1::BLOCK_BYTES,
+                crate::tq1::avx2::CHUNK,
+            )
+        } else {
+            (super::BLOCK, 32, CHUNK)
+        }
+    }
+
     /// Every row of `rows` against T tokens from `t`, over blocks `b0..b1`: the first chunk
     /// (`first`) writes `sum - qsum`, later ones add.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn pass<const T: usize>(
+    unsafe fn pass<const T: usize, const TQ1: bool>(
         w: super::TernaryView,
         q: &[i8],
         qsum: &[i32],
@@ -515,6 +543,8 @@ pub(crate) mod avx2 {
         (b0, b1, first): (usize, usize, bool),
         out: &mut [i32],
     ) {
+        let (_, block_bytes, _) = geometry::<TQ1>();
+        let rb = w.row_bytes();
         let tok: [*const i8; T] = std::array::from_fn(|j| q.as_ptr().add((t + j) * w.kp));
         for r in rows.clone() {
             // This chunk's part of a row a few rows ahead: the rows are read piecewise (one
@@ -523,14 +553,19 @@ pub(crate) mod avx2 {
                 let ahead = w
                     .data
                     .as_ptr()
-                    .add((r + PREFETCH_ROWS) * w.kp / 4 + 32 * b0);
+                    .add((r + PREFETCH_ROWS) * rb + block_bytes * b0);
                 let mut off = 0;
-                while off < 32 * (b1 - b0) {
+                while off < block_bytes * (b1 - b0) {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.add(off) as *const i8);
                     off += 64;
                 }
             }
-            let s = row_tokens::<T>(w.data.as_ptr().add(r * w.kp / 4), &tok, b0, b1);
+            let row = w.data.as_ptr().add(r * rb);
+            let s = if TQ1 {
+                crate::tq1::avx2::chunk_sums::<T>(row, &tok, b0, b1)
+            } else {
+                row_tokens::<T>(row, &tok, b0, b1)
+            };
             for j in 0..T {
                 let o = &mut out[(t + j) * w.rows + r];
                 *o = if first { s[j] - qsum[t + j] } else { *o + s[j] };
@@ -540,12 +575,13 @@ pub(crate) mod avx2 {
 
     /// The GEMM for four or more tokens, blocked for the caches: row chunks whose weights
     /// stay in L2, k-chunks whose products stay in i16, groups of eight tokens (then 4, 2, 1)
-    /// whose activations stay in L1. Each weight byte comes from memory once per call.
+    /// whose activations stay in L1. Each weight byte comes from memory once per call. For
+    /// both layouts (`TQ1`: [`crate::tq1`]'s).
     ///
     /// # Safety
     /// AVX2; sizes as checked by `gemm_rows`.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn gemm_blocked(
+    pub unsafe fn gemm_blocked<const TQ1: bool>(
         w: super::TernaryView,
         q: &[i8],
         qsum: &[i32],
@@ -553,8 +589,9 @@ pub(crate) mod avx2 {
         rows: std::ops::Range<usize>,
         out: &mut [i32],
     ) {
-        let nb = w.kp / super::BLOCK;
-        let n_chunks = nb.div_ceil(CHUNK);
+        let (block, _, chunk) = geometry::<TQ1>();
+        let nb = w.kp / block;
+        let n_chunks = nb.div_ceil(chunk);
         let mut r0 = rows.start;
         while r0 < rows.end {
             let rc = r0..(r0 + ROW_CHUNK).min(rows.end);
@@ -566,16 +603,16 @@ pub(crate) mod avx2 {
                     let left = n_tok - t;
                     let rc = rc.clone();
                     t += if left >= 8 {
-                        pass::<8>(w, q, qsum, t, rc, ch, out);
+                        pass::<8, TQ1>(w, q, qsum, t, rc, ch, out);
                         8
                     } else if left >= 4 {
-                        pass::<4>(w, q, qsum, t, rc, ch, out);
+                        pass::<4, TQ1>(w, q, qsum, t, rc, ch, out);
                         4
                     } else if left >= 2 {
-                        pass::<2>(w, q, qsum, t, rc, ch, out);
+                        pass::<2, TQ1>(w, q, qsum, t, rc, ch, out);
                         2
                     } else {
-                        pass::<1>(w, q, qsum, t, rc, ch, out);
+                        pass::<1, TQ1>(w, q, qsum, t, rc, ch, out);
                         1
                     };
                 }
@@ -719,7 +756,7 @@ mod avx512_emu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::test_rng::Lcg;
 
@@ -867,31 +904,40 @@ mod tests {
     /// rows, to exercise the i16 accumulators at their limits.
     #[test]
     fn extreme_values_do_not_overflow() {
-        let kp = 6912;
-        for (code, act) in [(2u8, -128i8), (2, 127), (0, -128), (0, 127)] {
-            let rows = 5;
+        let (rows, kp) = (5, 6912);
+        let build = |code: u8| {
             let mut packed = vec![0u8; rows * kp / 4];
             for r in 0..rows {
                 pack_row(&vec![code; kp], &mut packed[r * kp / 4..(r + 1) * kp / 4]);
             }
+            packed
+        };
+        assert_extremes_exact(rows, kp, build, |d, r, k| TernaryView::new(d, r, k));
+    }
+
+    /// Every kernel on `rows` rows of `kp` weights all equal to `code - 1` (the matrix
+    /// `build(code)` in the layout `view` reads) against activations all -128 or 127, for 1 to
+    /// 9 tokens: the exact product.
+    pub(crate) fn assert_extremes_exact(
+        rows: usize,
+        kp: usize,
+        build: impl Fn(u8) -> Vec<u8>,
+        view: for<'a> fn(&'a [u8], usize, usize) -> TernaryView<'a>,
+    ) {
+        for (code, act) in [(2u8, -128i8), (2, 127), (0, -128), (0, 127)] {
+            let data = build(code);
             for n_tok in [1, 4, 5, 8, 9] {
                 let q = vec![act; n_tok * kp];
                 let qsum = vec![act as i32 * kp as i32; n_tok];
                 let want = (code as i32 - 1) * act as i32 * kp as i32;
                 for isa in Isa::all_available() {
                     let mut got = vec![0i32; n_tok * rows];
-                    gemm(
-                        isa,
-                        TernaryView::new(&packed, rows, kp),
-                        &q,
-                        &qsum,
-                        n_tok,
-                        &mut got,
-                    );
+                    gemm(isa, view(&data, rows, kp), &q, &qsum, n_tok, &mut got);
                     assert!(
                         got.iter().all(|&v| v == want),
-                        "{} {code} {act}",
-                        isa.name()
+                        "{} {:?} code {code} act {act} n_tok {n_tok}",
+                        isa.name(),
+                        view(&data, rows, kp).layout
                     );
                 }
             }

@@ -94,14 +94,7 @@ pub(crate) fn gemm_rows(
     out: &mut [i32],
 ) {
     match isa {
-        Isa::Scalar => {
-            for r in rows {
-                let row = w.row(r);
-                for t in 0..n_tok {
-                    out[t * w.rows + r] = dot_scalar(row, &q[t * w.kp..(t + 1) * w.kp]);
-                }
-            }
-        }
+        Isa::Scalar => crate::ternary::gemm_rows_scalar(w, q, n_tok, rows, out),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
             assert!(
@@ -118,20 +111,17 @@ pub(crate) fn gemm_rows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{BLOCK, BLOCK_BYTES};
+    use crate::ternary::avx2::{hsum8, hsum_epi32};
     use crate::ternary::TernaryView;
     use std::arch::x86_64::*;
 
-    /// Blocks per k-chunk: one block adds at most 8 * 2 * 2 * 128 = 4096 in magnitude to a
-    /// lane of an i16 accumulator, so 7 blocks (28672) need no widening; eight tokens'
-    /// activations for a chunk (14 KiB) stay in L1 while rows stream past.
-    const CHUNK: usize = 7;
-    /// Rows per row chunk of the GEMM: their bytes for one k-chunk (256 * 7 * 54 = 95 KiB)
-    /// stay in L2 while every group of eight tokens passes over them.
-    const ROW_CHUNK: usize = 256;
-    /// How many rows ahead the GEMM prefetches.
-    const PREFETCH_ROWS: usize = 4;
+    /// Blocks per k-chunk of the blocked GEMM (`ternary::avx2::gemm_blocked`): one block adds
+    /// at most 8 * 2 * 2 * 128 = 4096 in magnitude to a lane of an i16 accumulator, so 7
+    /// blocks (28672) need no widening; eight tokens' activations for a chunk (14 KiB) stay in
+    /// L1, and 256 rows' bytes for it (95 KiB) in L2.
+    pub(crate) const CHUNK: usize = 7;
 
     /// The codes of the top trit of every byte of `s` (flipped form, see the module docs).
     #[inline]
@@ -218,58 +208,25 @@ mod avx2 {
         wide
     }
 
-    /// Near-equal k-chunks of at most [`CHUNK`] blocks: chunk `ci` of `n` over `nb` blocks.
-    fn chunk_range(ci: usize, n: usize, nb: usize) -> (usize, usize) {
-        (ci * nb / n, (ci + 1) * nb / n)
-    }
-
-    /// Every row of `rows` against T tokens from `t` over one k-chunk; the first chunk writes
-    /// `sum - qsum`, later ones add.
-    #[allow(clippy::too_many_arguments)]
+    /// [`chunk`] summed across lanes: one i32 per token (the blocked GEMM's row kernel).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn pass<const T: usize>(
-        w: TernaryView,
-        q: &[i8],
-        qsum: &[i32],
-        t: usize,
-        rows: std::ops::Range<usize>,
-        (b0, b1, first): (usize, usize, bool),
-        out: &mut [i32],
-    ) {
-        let rb = super::row_bytes(w.kp);
-        let tok: [*const i8; T] = std::array::from_fn(|j| q.as_ptr().add((t + j) * w.kp));
-        for r in rows.clone() {
-            // This chunk's part of a row a few rows ahead (rows are read piecewise).
-            if r + PREFETCH_ROWS < rows.end {
-                let ahead = w
-                    .data
-                    .as_ptr()
-                    .add((r + PREFETCH_ROWS) * rb + BLOCK_BYTES * b0);
-                let mut at = 0;
-                while at < BLOCK_BYTES * (b1 - b0) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(at) as *const i8);
-                    at += 64;
-                }
-            }
-            let v = chunk::<T>(w.data.as_ptr().add(r * rb), &tok, b0, b1);
-            let mut all = [_mm256_setzero_si256(); 8];
-            all[..T].copy_from_slice(&v);
-            let mut s = [0i32; 8];
-            _mm256_storeu_si256(
-                s.as_mut_ptr() as *mut __m256i,
-                crate::ternary::avx2::hsum8(&all),
-            );
-            for j in 0..T {
-                let o = &mut out[(t + j) * w.rows + r];
-                *o = if first { s[j] - qsum[t + j] } else { *o + s[j] };
-            }
-        }
+    pub(crate) unsafe fn chunk_sums<const T: usize>(
+        w: *const u8,
+        q: &[*const i8; T],
+        b0: usize,
+        b1: usize,
+    ) -> [i32; 8] {
+        let mut all = [_mm256_setzero_si256(); 8];
+        all[..T].copy_from_slice(&chunk::<T>(w, q, b0, b1));
+        let mut s = [0i32; 8];
+        _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, hsum8(&all));
+        s
     }
 
     /// Decode (fewer than four tokens): one row at a time, so the weights are one sequential
-    /// stream. Prompts: blocked for the caches as the 2-bit GEMM is, so each block is decoded
-    /// once per group of up to eight tokens.
+    /// stream. Prompts: the 2-bit layout's blocked GEMM over these blocks, so each block is
+    /// decoded once per group of up to eight tokens.
     ///
     /// # Safety
     /// AVX2; sizes as checked by `ternary::gemm_rows`.
@@ -283,7 +240,6 @@ mod avx2 {
         out: &mut [i32],
     ) {
         let nb = w.kp / BLOCK;
-        let n_chunks = nb.div_ceil(CHUNK);
         let rb = super::row_bytes(w.kp);
         if n_tok < 4 {
             for r in rows {
@@ -291,41 +247,15 @@ mod avx2 {
                 for t in 0..n_tok {
                     let tok = [q.as_ptr().add(t * w.kp)];
                     let mut sum = _mm256_setzero_si256();
-                    for ci in 0..n_chunks {
-                        let (b0, b1) = chunk_range(ci, n_chunks, nb);
+                    for b0 in (0..nb).step_by(CHUNK) {
+                        let b1 = (b0 + CHUNK).min(nb);
                         sum = _mm256_add_epi32(sum, chunk::<1>(row, &tok, b0, b1)[0]);
                     }
-                    out[t * w.rows + r] = crate::ternary::avx2::hsum_epi32(sum) - qsum[t];
+                    out[t * w.rows + r] = hsum_epi32(sum) - qsum[t];
                 }
             }
-            return;
-        }
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let rc = r0..(r0 + ROW_CHUNK).min(rows.end);
-            for ci in 0..n_chunks {
-                let (b0, b1) = chunk_range(ci, n_chunks, nb);
-                let ch = (b0, b1, ci == 0);
-                let mut t = 0;
-                while t < n_tok {
-                    let left = n_tok - t;
-                    let rc = rc.clone();
-                    t += if left >= 8 {
-                        pass::<8>(w, q, qsum, t, rc, ch, out);
-                        8
-                    } else if left >= 4 {
-                        pass::<4>(w, q, qsum, t, rc, ch, out);
-                        4
-                    } else if left >= 2 {
-                        pass::<2>(w, q, qsum, t, rc, ch, out);
-                        2
-                    } else {
-                        pass::<1>(w, q, qsum, t, rc, ch, out);
-                        1
-                    };
-                }
-            }
-            r0 = rc.end;
+        } else {
+            crate::ternary::avx2::gemm_blocked::<true>(w, q, qsum, n_tok, rows, out)
         }
     }
 }
@@ -473,29 +403,9 @@ mod tests {
     #[test]
     fn extreme_values_do_not_overflow() {
         let (rows, k) = (3, 6912);
-        for (code, act) in [(2u8, -128i8), (2, 127), (0, -128), (0, 127)] {
-            let (_, data) = random_matrix(&mut Lcg(1), rows, k, |_| code);
-            for n_tok in [1, 4, 5, 8, 9] {
-                let q = vec![act; n_tok * k];
-                let qsum = vec![act as i32 * k as i32; n_tok];
-                let want = (code as i32 - 1) * act as i32 * k as i32;
-                for isa in Isa::all_available() {
-                    let mut got = vec![0i32; n_tok * rows];
-                    gemm(
-                        isa,
-                        TernaryView::tq1(&data, rows, k),
-                        &q,
-                        &qsum,
-                        n_tok,
-                        &mut got,
-                    );
-                    assert!(
-                        got.iter().all(|&v| v == want),
-                        "{} {code} {act} {n_tok}",
-                        isa.name()
-                    );
-                }
-            }
-        }
+        let build = |code| random_matrix(&mut Lcg(1), rows, k, |_| code).1;
+        crate::ternary::tests::assert_extremes_exact(rows, k, build, |d, r, k| {
+            TernaryView::tq1(d, r, k)
+        });
     }
 }
