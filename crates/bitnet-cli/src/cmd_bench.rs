@@ -325,7 +325,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let stored = l.wq.stored_as.split_whitespace().next().unwrap_or("?");
             match l.wq.layout {
                 bitnet_kernels::ternary::Layout::Tq1 => format!("{stored} native"),
-                bitnet_kernels::ternary::Layout::I2s => stored.to_string(),
+                bitnet_kernels::ternary::Layout::I2s | bitnet_kernels::ternary::Layout::Tq2 => {
+                    stored.to_string()
+                }
             }
         })
         .unwrap_or_else(|| "?".to_string());

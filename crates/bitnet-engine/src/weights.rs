@@ -12,7 +12,7 @@
 
 use crate::config::Config;
 use crate::{bail, Error, Result};
-use bitnet_formats::codecs::{self, ternary_row, tq2_row_to_i2s};
+use bitnet_formats::codecs::{self, ternary_row};
 use bitnet_formats::safetensors_dir::{HfDir, HfTensor};
 use bitnet_formats::{GgmlType, GgufFile, TensorInfo};
 use bitnet_kernels::float::{dot_f32, matmul_f16, par_rows};
@@ -155,6 +155,7 @@ impl BitLinear {
         match self.layout {
             Layout::I2s => TernaryView::new(&self.data, self.rows, self.kp()),
             Layout::Tq1 => TernaryView::tq1(&self.data, self.rows, self.kp()),
+            Layout::Tq2 => TernaryView::tq2(&self.data, self.rows, self.kp()),
         }
     }
 
@@ -165,10 +166,19 @@ impl BitLinear {
 
     /// Is every weight zero? (Some re-uploads of official checkpoints are broken that way.)
     pub fn all_zero(&self) -> bool {
-        if self.layout == Layout::Tq1 {
-            return self.data[..self.rows * tq1::row_bytes(self.kp())]
-                .par_chunks(tq1::BLOCK_BYTES * 1024)
-                .all(tq1::all_codes_one);
+        let blocks = &self.data[..self.rows * self.view().row_bytes()];
+        match self.layout {
+            Layout::Tq1 => {
+                return blocks
+                    .par_chunks(tq1::BLOCK_BYTES * 1024)
+                    .all(tq1::all_codes_one)
+            }
+            Layout::Tq2 => {
+                return blocks
+                    .par_chunks(ternary::TQ2_BLOCK_BYTES * 1024)
+                    .all(|c| c.chunks_exact(ternary::TQ2_BLOCK_BYTES).all(tq2_zero_block))
+            }
+            Layout::I2s => {}
         }
         // Every code is 1 (weight 0) exactly when every byte is 0b01010101: padding codes are
         // 1 too. Byte comparisons vectorise; this runs at load over every ternary matrix.
@@ -540,18 +550,6 @@ where
     Ok(out)
 }
 
-/// Like [`pack_rows`], for sources that write the runtime row bytes (`row_bytes` each) directly.
-fn fill_rows<F>(rows: usize, row_bytes: usize, fill_row: F) -> Result<Vec<u8>>
-where
-    F: Fn(usize, &mut [u8]) -> Result<()> + Sync,
-{
-    let mut out = vec![0u8; rows * row_bytes];
-    out.par_chunks_mut(row_bytes.max(1))
-        .enumerate()
-        .try_for_each(|(r, dst)| fill_row(r, dst))?;
-    Ok(out)
-}
-
 /// Ternarize float weights. `exact_ternary`: the tensor is expected to hold codes times one
 /// scale (a converter's F16 fallback, REFERENCE.md trap 8), so beta = max|w|; if it is not
 /// ternary after all we fall back to absmean and warn. Otherwise (master weights) absmean, as
@@ -706,22 +704,45 @@ impl LinearSource {
                         // block scales need checking.
                         layout = Layout::Tq1;
                         let rb = tq1::row_bytes(cols);
-                        let scales = data[..rows * rb]
-                            .par_chunks(rb.max(1) * 64)
-                            .map(tq1_distinct_scales)
-                            .reduce(Vec::new, |mut a, b| {
-                                for v in b {
-                                    if !a.contains(&v) {
-                                        a.push(v);
-                                    }
-                                }
-                                a
-                            });
+                        let blocks = &data[..rows * rb];
+                        let scales = par_block_scales(blocks, tq1::BLOCK_BYTES, |b| {
+                            Ok(tq1::all_codes_one(b))
+                        })
+                        .expect("TQ1_0 blocks have no invalid codes");
                         let range = self.range.start..self.range.start + rows * rb;
                         (
                             Bytes::Mapped(self.map.clone(), range),
                             one_scale(name, &scales)?,
                             "TQ1_0".to_string(),
+                        )
+                    }
+                    GgmlType::TQ2_0 => {
+                        // Used as it is from the memory map: the 2-bit kernels read TQ2_0
+                        // blocks (kernels' ternary.rs). Only validated: no code 3, one scale.
+                        layout = Layout::Tq2;
+                        let bb = ternary::TQ2_BLOCK_BYTES;
+                        let blocks = &data[..rows * cols / 256 * bb];
+                        let scales = par_block_scales(blocks, bb, |b| {
+                            if codecs::has_code_3(&b[..64]) {
+                                Err(())
+                            } else {
+                                Ok(tq2_zero_block(b))
+                            }
+                        })
+                        .map_err(|bi| {
+                            let (r, b) = (bi / (cols / 256), bi % (cols / 256));
+                            let blk = &blocks[bi * bb..(bi + 1) * bb];
+                            let e = (0..256).find(|&e| codecs::tq2_code(blk, e) == 3);
+                            Error::new(format!(
+                                "tensor {name:?}: invalid TQ2_0 code 3 at element {} of block {b} of row {r}",
+                                e.unwrap_or(0)
+                            ))
+                        })?;
+                        let range = self.range.start..self.range.start + blocks.len();
+                        (
+                            Bytes::Mapped(self.map.clone(), range),
+                            one_scale(name, &scales)?,
+                            "TQ2_0".to_string(),
                         )
                     }
                     GgmlType::I2_S if cols.is_multiple_of(ternary::BLOCK) => {
@@ -738,7 +759,7 @@ impl LinearSource {
                             "I2_S".to_string(),
                         )
                     }
-                    GgmlType::I2_S | GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
+                    GgmlType::I2_S | GgmlType::TQ1_0 => {
                         let scales = std::sync::Mutex::new(Vec::<f32>::new());
                         let add_scales = |s: Vec<f32>| {
                             let mut all = scales.lock().unwrap();
@@ -751,20 +772,10 @@ impl LinearSource {
                         let ctx = |e: bitnet_formats::FormatError| {
                             Error::from(e).context(format!("tensor {name:?}"))
                         };
-                        let packed = if dtype == GgmlType::TQ2_0 {
-                            // Byte for byte (TQ2_0 rows are whole 256-blocks, so whole 128s).
-                            fill_rows(rows, padded_len(cols) / 4, |r, dst| {
-                                add_scales(tq2_row_to_i2s(data, cols, r, dst).map_err(ctx)?);
-                                Ok(())
-                            })?
-                        } else {
-                            pack_rows(rows, cols, |r, codes| {
-                                add_scales(
-                                    ternary_row(dtype, data, cols, n, r, codes).map_err(ctx)?,
-                                );
-                                Ok(())
-                            })?
-                        };
+                        let packed = pack_rows(rows, cols, |r, codes| {
+                            add_scales(ternary_row(dtype, data, cols, n, r, codes).map_err(ctx)?);
+                            Ok(())
+                        })?;
                         let scales = scales.into_inner().unwrap();
                         let beta = one_scale(name, &scales)?;
                         (Bytes::Owned(packed), beta, dtype.name().to_string())
@@ -860,25 +871,49 @@ fn one_scale(name: &str, scales: &[f32]) -> Result<f32> {
     }
 }
 
-/// The distinct scales of some whole TQ1_0 blocks, as `codecs::ternary_row` reports them:
-/// blocks of only zero weights, or with a zero scale, do not count.
-fn tq1_distinct_scales(blocks: &[u8]) -> Vec<f32> {
-    let mut seen: Vec<f32> = Vec::new();
-    let mut last = None;
-    for b in blocks.chunks_exact(tq1::BLOCK_BYTES) {
-        let bits = u16::from_le_bytes([b[52], b[53]]);
-        if last == Some(bits) {
-            continue; // the common case: the same scale as the previous block
-        }
-        let d = half::f16::from_bits(bits).to_f32();
-        if d != 0.0 && !tq1::all_codes_one(b) {
-            last = Some(bits);
-            if !seen.contains(&d) {
-                seen.push(d);
+/// Does this TQ2_0 block hold only zero weights (every code 1: bytes 0b01010101)?
+fn tq2_zero_block(block: &[u8]) -> bool {
+    block[..64].iter().all(|&x| x == 0x55)
+}
+
+/// The distinct scales of whole blocks of `block_bytes` that end in their f16 scale (TQ1_0,
+/// TQ2_0), as `codecs::ternary_row` reports them: blocks of only zero weights, or with a zero
+/// scale, do not count. `zero(block)` says whether a block is all zeros, or fails for an
+/// invalid block: the index of one such block is the error. In parallel.
+fn par_block_scales(
+    blocks: &[u8],
+    block_bytes: usize,
+    zero: impl Fn(&[u8]) -> std::result::Result<bool, ()> + Sync,
+) -> std::result::Result<Vec<f32>, usize> {
+    const PER_JOB: usize = 4096;
+    let merge = |mut a: Vec<f32>, b: Vec<f32>| {
+        for v in b {
+            if !a.contains(&v) {
+                a.push(v);
             }
         }
-    }
-    seen
+        a
+    };
+    blocks
+        .par_chunks(block_bytes * PER_JOB)
+        .enumerate()
+        .map(|(job, part)| {
+            let (mut seen, mut last) = (Vec::new(), None);
+            for (i, b) in part.chunks_exact(block_bytes).enumerate() {
+                let bits = u16::from_le_bytes([b[block_bytes - 2], b[block_bytes - 1]]);
+                let all_zero = zero(b).map_err(|()| job * PER_JOB + i)?;
+                if last == Some(bits) {
+                    continue; // the common case: the scale of the previous counted block
+                }
+                let d = half::f16::from_bits(bits).to_f32();
+                if d != 0.0 && !all_zero {
+                    last = Some(bits);
+                    seen = merge(seen, vec![d]);
+                }
+            }
+            Ok(seen)
+        })
+        .try_reduce(Vec::new, |a, b| Ok(merge(a, b)))
 }
 
 fn gguf_tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -1270,7 +1305,8 @@ mod tests {
                 Model::load(&data(rel)).unwrap(),
                 Model::load_lazy(&data(rel)).unwrap(),
             );
-            assert!(eager.weights.ternary_bytes_held() > 0, "{rel}");
+            // Every matrix holds codes (mapped or on the heap); the lazy load none.
+            assert!(eager.weights.linears().all(|l| !l.data.is_empty()), "{rel}");
             assert_eq!(lazy.weights.ternary_bytes_held(), 0, "{rel}");
             let mut s = lazy.new_session(8);
             let e = lazy.forward(&mut s, &[1], false).unwrap_err().to_string();

@@ -340,3 +340,40 @@ fn tq1_0_block_scales_must_agree() {
     assert_eq!(la.beta, lb.beta);
     assert!((0..la.cols).all(|c| la.value(5, c) == 0 && lb.value(5, c) == 0));
 }
+
+/// TQ2_0 matrices are used from the file as they are, so the load checks their blocks: code 3
+/// is an error naming the tensor and where the code is, and so is a block with another scale.
+#[test]
+fn tq2_0_blocks_are_checked() {
+    let d = tmp_dir("tq2");
+    let src = data("gguf/tiny-tq2_0.gguf");
+    let name = "blk.0.attn_q.weight";
+    let edit = |f: fn(&mut [u8])| {
+        rewrite(&src, |w| {
+            let t = w.tensors.iter_mut().find(|t| t.0 == name).unwrap();
+            assert_eq!(t.2, 35, "{name} is TQ2_0");
+            f(&mut t.3[5 * 66..6 * 66]); // block 5: row 5 of this 256-column matrix
+        })
+    };
+    let p = d.path().join("code3.gguf");
+    std::fs::write(&p, edit(|b| b[7] |= 0b1100_0000)).unwrap();
+    let msg = load_err(&p);
+    assert!(
+        msg.contains(name) && msg.contains("code 3") && msg.contains("block 0 of row 5"),
+        "{msg}"
+    );
+    let p = d.path().join("scale.gguf");
+    std::fs::write(
+        &p,
+        edit(|b| {
+            let v = half::f16::from_le_bytes([b[64], b[65]]).to_f32();
+            b[64..66].copy_from_slice(&half::f16::from_f32(v * 1.5 + 0.25).to_le_bytes());
+        }),
+    )
+    .unwrap();
+    let msg = load_err(&p);
+    assert!(
+        msg.contains(name) && msg.contains("different scales"),
+        "{msg}"
+    );
+}

@@ -259,47 +259,6 @@ pub fn has_code_3(bytes: &[u8]) -> bool {
         != 0
 }
 
-/// Row `r` of a TQ2_0 tensor (`ne0` a multiple of 256) straight into I2_S block bytes (`ne0 /
-/// 4` bytes in `out`, the layout of [`i2s_code`] restarted at the row), returning the block
-/// scales seen (blocks with a non-zero code). The two layouts hold the same 128-element groups
-/// of 32 bytes with element `32k + m` in byte `m`, only in opposite bit order (TQ2_0: bits
-/// 2k..2k+1; I2_S: bits 6-2k..7-2k), so each byte is one table lookup: the repack at load is a
-/// copy, not a per-element decode.
-pub fn tq2_row_to_i2s(data: &[u8], ne0: usize, r: usize, out: &mut [u8]) -> Result<Vec<f32>> {
-    /// Reverse the order of the four 2-bit fields of a byte.
-    const REV2: [u8; 256] = {
-        let mut t = [0u8; 256];
-        let mut i = 0;
-        while i < 256 {
-            let b = i as u8;
-            t[i] = (b >> 6) | ((b >> 2) & 0x0C) | ((b << 2) & 0x30) | (b << 6);
-            i += 1;
-        }
-        t
-    };
-    debug_assert!(ne0.is_multiple_of(256) && out.len() == ne0 / 4);
-    let bb = GgmlType::TQ2_0.block().1 as usize;
-    let blocks = ne0 / 256;
-    let mut scales = Vec::new();
-    for (b, dst) in out.chunks_exact_mut(64).enumerate().take(blocks) {
-        let blk = &data[(r * blocks + b) * bb..][..bb];
-        let qs = &blk[..64];
-        if has_code_3(qs) {
-            let e = (0..256).find(|&e| tq2_code(blk, e) == 3).unwrap_or(0);
-            bail!("invalid TQ2_0 code 3 at element {e} of block {b} of row {r}");
-        }
-        for (o, &x) in dst.iter_mut().zip(qs) {
-            *o = REV2[x as usize];
-        }
-        let d = f16_at(&blk[64..66], 0);
-        // 0x55: four zeros (code 1).
-        if d != 0.0 && qs.iter().any(|&x| x != 0x55) && !scales.contains(&d) {
-            scales.push(d);
-        }
-    }
-    Ok(scales)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Encoders (used by `bitnet convert`). Ternary codes are `w + 1` in {0, 1, 2}.
 
@@ -835,34 +794,6 @@ mod tests {
         data[5] = 0xC0 | 0x15;
         let mut codes = vec![0u8; 128];
         assert!(ternary_row(GgmlType::I2_S, &data, 128, 128, 0, &mut codes).is_err());
-    }
-
-    #[test]
-    fn tq2_rows_repack_to_i2s_blocks() {
-        let (rows, ne0) = (3, 512);
-        let vals = pseudo_ternary(rows * ne0, 11);
-        let mut data = Vec::new();
-        for (i, row) in vals.chunks(ne0).enumerate() {
-            encode_tq2_0_row(&codes(row), 0.25 * (i + 1) as f32, &mut data).unwrap();
-        }
-        for r in 0..rows {
-            let mut out = vec![0u8; ne0 / 4];
-            let scales = tq2_row_to_i2s(&data, ne0, r, &mut out).unwrap();
-            let mut codes = vec![0u8; ne0];
-            let want = ternary_row(GgmlType::TQ2_0, &data, ne0, rows * ne0, r, &mut codes).unwrap();
-            assert_eq!(scales, want);
-            for (e, &c) in codes.iter().enumerate() {
-                assert_eq!(i2s_code(&out, e), c, "row {r} element {e}");
-            }
-        }
-        // Code 3 is an error that names where it is.
-        let bb = GgmlType::TQ2_0.block().1 as usize;
-        data[bb + 7] |= 0b1100_0000;
-        let mut out = vec![0u8; ne0 / 4];
-        let err = tq2_row_to_i2s(&data, ne0, 0, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("block 1 of row 0"), "{err}");
     }
 
     /// `ternary_row` reads TQ1_0 byte by byte; `tq1_code` element by element: same codes,

@@ -11,6 +11,12 @@
 //! 32-activation chunks, so the AVX2 kernel needs only shifts and masks to unpack. With codes
 //! `c = w + 1`, `sum w*q = sum c*q - sum q`, and `c*q` is an unsigned-by-signed byte product
 //! (`maddubs`).
+//!
+//! llama.cpp's TQ2_0 (`Layout::Tq2`) is the same code in the same bytes with two differences,
+//! so the same kernels run it from the memory map: its 256-weight blocks are two such 32-byte
+//! halves followed by an f16 scale (66 bytes), and a byte holds its four weights in the
+//! opposite order (j in bits 1-0 ... 96+j in bits 7-6), so the code vectors meet the
+//! activation chunks in reverse order.
 
 use crate::SyncPtr;
 
@@ -51,6 +57,27 @@ pub fn code_at(row: &[u8], e: usize) -> u8 {
     (row[block * 32 + j % 32] >> (6 - 2 * (j / 32))) & 3
 }
 
+/// Bytes of one TQ2_0 block of 256 weights: two 32-byte halves of codes, then the f16 scale.
+pub const TQ2_BLOCK_BYTES: usize = 66;
+
+/// Where 128-weight block `b` of a row starts: `32 b` in row-I2S, half `b % 2` of TQ2_0 block
+/// `b / 2` in TQ2_0.
+#[inline(always)]
+pub(crate) fn block_offset<const TQ2: bool>(b: usize) -> usize {
+    if TQ2 {
+        TQ2_BLOCK_BYTES * (b / 2) + 32 * (b % 2)
+    } else {
+        32 * b
+    }
+}
+
+/// Code (0..=3) of element `e` of a TQ2_0 row.
+#[inline]
+pub fn tq2_code_at(row: &[u8], e: usize) -> u8 {
+    let (block, j) = (e / BLOCK, e % BLOCK);
+    (row[block_offset::<true>(block) + j % 32] >> (2 * (j / 32))) & 3
+}
+
 /// Scalar reference: `sum_e (code_e - 1) * q_e` over one packed row.
 pub fn dot_scalar(row: &[u8], q: &[i8]) -> i32 {
     (0..q.len())
@@ -66,6 +93,9 @@ pub enum Layout {
     /// llama.cpp's TQ1_0 blocks as in the file ([`crate::tq1`]): 1.69 bits per weight, rows
     /// of whole 256-blocks.
     Tq1,
+    /// llama.cpp's TQ2_0 blocks as in the file (module docs): 2.06 bits per weight, rows of
+    /// whole 256-blocks.
+    Tq2,
 }
 
 /// A ternary matrix, borrowed.
@@ -107,11 +137,26 @@ impl<'a> TernaryView<'a> {
         }
     }
 
+    /// A matrix of TQ2_0 blocks, `kp` weights per row.
+    pub fn tq2(data: &'a [u8], rows: usize, kp: usize) -> Self {
+        assert!(
+            kp.is_multiple_of(2 * BLOCK) && data.len() >= rows * kp / 256 * TQ2_BLOCK_BYTES,
+            "TQ2_0 view out of bounds"
+        );
+        TernaryView {
+            data,
+            rows,
+            kp,
+            layout: Layout::Tq2,
+        }
+    }
+
     /// Bytes per row.
     pub fn row_bytes(&self) -> usize {
         match self.layout {
             Layout::I2s => self.kp / 4,
             Layout::Tq1 => crate::tq1::row_bytes(self.kp),
+            Layout::Tq2 => self.kp / 256 * TQ2_BLOCK_BYTES,
         }
     }
 
@@ -127,6 +172,7 @@ impl<'a> TernaryView<'a> {
         match self.layout {
             Layout::I2s => code_at(self.row(r), e),
             Layout::Tq1 => crate::tq1::code_at(self.row(r), e),
+            Layout::Tq2 => tq2_code_at(self.row(r), e),
         }
     }
 }
@@ -241,13 +287,33 @@ pub fn gemm(isa: Isa, w: TernaryView, q: &[i8], qsum: &[i32], n_tok: usize, out:
         // no other part touches; `out` outlives the job.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
         match w.layout {
-            Layout::I2s => gemm_rows(isa, w, q, qsum, n_tok, rows, out),
+            Layout::I2s | Layout::Tq2 => gemm_rows(isa, w, q, qsum, n_tok, rows, out),
             Layout::Tq1 => crate::tq1::gemm_rows(isa, w, q, qsum, n_tok, rows, out),
         }
     });
 }
 
-/// Single-threaded kernel over a range of rows (row-I2S layout; `gemm` picks the layout).
+/// [`drive`] over the AVX-512 tiles of `$m` (the real or the emulated ones): R rows (4 for
+/// prompts, 1 for decoding) x 4 tokens, the narrower tiles for leftovers.
+macro_rules! avx512_drive {
+    ($m:ident, $r:literal, $tq2:literal, $w:expr, $q:expr, $qsum:expr, $n:expr, $rows:expr, $out:expr) => {
+        drive::<$r, 4>(
+            $m::tile::<$r, 4, $tq2>,
+            $m::tile::<$r, 1, $tq2>,
+            $m::tile::<1, 4, $tq2>,
+            $m::tile::<1, 1, $tq2>,
+            $w,
+            $q,
+            $qsum,
+            $n,
+            $rows,
+            $out,
+        )
+    };
+}
+
+/// Single-threaded kernel over a range of rows of a 2-bit layout (row-I2S or TQ2_0; `gemm`
+/// picks the kernels of each layout).
 pub fn gemm_rows(
     isa: Isa,
     w: TernaryView,
@@ -259,7 +325,8 @@ pub fn gemm_rows(
 ) {
     assert!(rows.end <= w.rows && q.len() >= n_tok * w.kp && qsum.len() >= n_tok);
     assert!(out.len() >= n_tok * w.rows);
-    assert_eq!(w.layout, Layout::I2s, "row-I2S kernel on another layout");
+    assert_ne!(w.layout, Layout::Tq1, "2-bit kernel on TQ1_0 blocks");
+    let tq2 = w.layout == Layout::Tq2;
     match isa {
         Isa::Scalar => gemm_rows_scalar(w, q, n_tok, rows, out),
         #[cfg(target_arch = "x86_64")]
@@ -277,14 +344,21 @@ pub fn gemm_rows(
                     // when streaming from memory).
                     let nb = w.kp / BLOCK;
                     for r in rows {
-                        let row = [w.data.as_ptr().add(r * w.kp / 4)];
+                        let row = [w.row(r).as_ptr()];
                         for t in 0..n_tok {
-                            let s = avx2::gemv::<1>(&row, &[q.as_ptr().add(t * w.kp)], nb);
+                            let tok = [q.as_ptr().add(t * w.kp)];
+                            let s = if tq2 {
+                                avx2::gemv::<1, true>(&row, &tok, nb)
+                            } else {
+                                avx2::gemv::<1, false>(&row, &tok, nb)
+                            };
                             out[t * w.rows + r] = s[0][0] - qsum[t];
                         }
                     }
+                } else if tq2 {
+                    avx2::gemm_blocked::<{ avx2::TQ2 }>(w, q, qsum, n_tok, rows, out)
                 } else {
-                    avx2::gemm_blocked::<false>(w, q, qsum, n_tok, rows, out)
+                    avx2::gemm_blocked::<{ avx2::I2S }>(w, q, qsum, n_tok, rows, out)
                 }
             }
         }
@@ -296,33 +370,12 @@ pub fn gemm_rows(
             );
             // SAFETY: as above, for AVX-512 F/BW/VNNI.
             unsafe {
-                if n_tok < 4 {
+                match (n_tok < 4, tq2) {
                     // Decode: one sequential weight stream, as for AVX2.
-                    drive::<1, 4>(
-                        avx512::tile::<1, 4>,
-                        avx512::tile::<1, 1>,
-                        avx512::tile::<1, 4>,
-                        avx512::tile::<1, 1>,
-                        w,
-                        q,
-                        qsum,
-                        n_tok,
-                        rows,
-                        out,
-                    )
-                } else {
-                    drive::<4, 4>(
-                        avx512::tile::<4, 4>,
-                        avx512::tile::<4, 1>,
-                        avx512::tile::<1, 4>,
-                        avx512::tile::<1, 1>,
-                        w,
-                        q,
-                        qsum,
-                        n_tok,
-                        rows,
-                        out,
-                    )
+                    (true, false) => avx512_drive!(avx512, 1, false, w, q, qsum, n_tok, rows, out),
+                    (true, true) => avx512_drive!(avx512, 1, true, w, q, qsum, n_tok, rows, out),
+                    (false, false) => avx512_drive!(avx512, 4, false, w, q, qsum, n_tok, rows, out),
+                    (false, true) => avx512_drive!(avx512, 4, true, w, q, qsum, n_tok, rows, out),
                 }
             }
         }
@@ -346,6 +399,9 @@ pub(crate) fn gemm_rows_scalar(
             out[t * w.rows + r] = match w.layout {
                 Layout::I2s => dot_scalar(row, q),
                 Layout::Tq1 => crate::tq1::dot_scalar(row, q),
+                Layout::Tq2 => (0..q.len())
+                    .map(|e| (tq2_code_at(row, e) as i32 - 1) * q[e] as i32)
+                    .sum(),
             };
         }
     }
@@ -375,7 +431,7 @@ unsafe fn drive<const R: usize, const T: usize>(
     out: &mut [i32],
 ) {
     let nb = w.kp / BLOCK;
-    let rowp = |r: usize| w.data.as_ptr().add(r * w.kp / 4);
+    let rowp = |r: usize| w.row(r).as_ptr();
     let tokp = |t: usize| q.as_ptr().add(t * w.kp);
     let mut put = |r: usize, t: usize, v: i32| out[t * w.rows + r] = v - qsum[t];
     let mut t0 = 0;
@@ -457,6 +513,11 @@ pub(crate) mod avx2 {
     /// How many rows ahead the blocked GEMM prefetches.
     const PREFETCH_ROWS: usize = 4;
 
+    /// The layouts of the blocked GEMM (a const parameter): row-I2S, TQ1_0, TQ2_0.
+    pub(crate) const I2S: u8 = 0;
+    pub(crate) const TQ1: u8 = 1;
+    pub(crate) const TQ2: u8 = 2;
+
     /// Sum of eight i32 vectors' lanes, one sum per vector, in order.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -479,7 +540,7 @@ pub(crate) mod avx2 {
     /// from L1), into one i16 accumulator per token: T + 3 registers, no spills for T = 8.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn row_tokens<const T: usize>(
+    unsafe fn row_tokens<const T: usize, const TQ2: bool>(
         w: *const u8,
         q: &[*const i8; T],
         b0: usize,
@@ -489,12 +550,14 @@ pub(crate) mod avx2 {
         let mask = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_si256(); T];
         for b in b0..b1 {
-            let wv = _mm256_loadu_si256(w.add(32 * b) as *const __m256i);
+            let wv = _mm256_loadu_si256(w.add(super::block_offset::<TQ2>(b)) as *const __m256i);
             macro_rules! step {
                 ($k:expr, $c:expr) => {
                     let c = _mm256_and_si256($c, mask);
+                    // TQ2_0 holds the four code vectors in the opposite order.
+                    let k = if TQ2 { 3 - $k } else { $k };
                     for j in 0..T {
-                        let qv = _mm256_loadu_si256(q[j].add(128 * b + 32 * $k) as *const __m256i);
+                        let qv = _mm256_loadu_si256(q[j].add(128 * b + 32 * k) as *const __m256i);
                         acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(c, qv));
                     }
                 };
@@ -514,18 +577,23 @@ pub(crate) mod avx2 {
         out
     }
 
-    /// The blocked GEMM's view of a layout (`TQ1`: [`crate::tq1`]'s blocks, else row-I2S):
-    /// weights and bytes per block, blocks per k-chunk.
+    /// The blocked GEMM's view of layout `L`: weights per block, blocks per k-chunk.
     #[inline(always)]
-    fn geometry<const TQ1: bool>() -> (usize, usize, usize) {
-        if TQ1 {
-            (
-                crate::tq1::BLOCK,
-                crate::tq1::BLOCK_BYTES,
-                crate::tq1::avx2::CHUNK,
-            )
+    fn geometry<const L: u8>() -> (usize, usize) {
+        if L == TQ1 {
+            (crate::tq1::BLOCK, crate::tq1::avx2::CHUNK)
         } else {
-            (super::BLOCK, 32, CHUNK)
+            (super::BLOCK, CHUNK)
+        }
+    }
+
+    /// Where block `b` of a row of layout `L` starts.
+    #[inline(always)]
+    fn offset<const L: u8>(b: usize) -> usize {
+        match L {
+            TQ1 => crate::tq1::BLOCK_BYTES * b,
+            TQ2 => super::block_offset::<true>(b),
+            _ => super::block_offset::<false>(b),
         }
     }
 
@@ -534,7 +602,7 @@ pub(crate) mod avx2 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn pass<const T: usize, const TQ1: bool>(
+    unsafe fn pass<const T: usize, const L: u8>(
         w: super::TernaryView,
         q: &[i8],
         qsum: &[i32],
@@ -543,7 +611,6 @@ pub(crate) mod avx2 {
         (b0, b1, first): (usize, usize, bool),
         out: &mut [i32],
     ) {
-        let (_, block_bytes, _) = geometry::<TQ1>();
         let rb = w.row_bytes();
         let tok: [*const i8; T] = std::array::from_fn(|j| q.as_ptr().add((t + j) * w.kp));
         for r in rows.clone() {
@@ -553,18 +620,18 @@ pub(crate) mod avx2 {
                 let ahead = w
                     .data
                     .as_ptr()
-                    .add((r + PREFETCH_ROWS) * rb + block_bytes * b0);
+                    .add((r + PREFETCH_ROWS) * rb + offset::<L>(b0));
                 let mut off = 0;
-                while off < block_bytes * (b1 - b0) {
+                while off < offset::<L>(b1) - offset::<L>(b0) {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.add(off) as *const i8);
                     off += 64;
                 }
             }
             let row = w.data.as_ptr().add(r * rb);
-            let s = if TQ1 {
-                crate::tq1::avx2::chunk_sums::<T>(row, &tok, b0, b1)
-            } else {
-                row_tokens::<T>(row, &tok, b0, b1)
+            let s = match L {
+                TQ1 => crate::tq1::avx2::chunk_sums::<T>(row, &tok, b0, b1),
+                TQ2 => row_tokens::<T, true>(row, &tok, b0, b1),
+                _ => row_tokens::<T, false>(row, &tok, b0, b1),
             };
             for j in 0..T {
                 let o = &mut out[(t + j) * w.rows + r];
@@ -581,7 +648,7 @@ pub(crate) mod avx2 {
     /// # Safety
     /// AVX2; sizes as checked by `gemm_rows`.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn gemm_blocked<const TQ1: bool>(
+    pub unsafe fn gemm_blocked<const L: u8>(
         w: super::TernaryView,
         q: &[i8],
         qsum: &[i32],
@@ -589,7 +656,7 @@ pub(crate) mod avx2 {
         rows: std::ops::Range<usize>,
         out: &mut [i32],
     ) {
-        let (block, _, chunk) = geometry::<TQ1>();
+        let (block, chunk) = geometry::<L>();
         let nb = w.kp / block;
         let n_chunks = nb.div_ceil(chunk);
         let mut r0 = rows.start;
@@ -603,16 +670,16 @@ pub(crate) mod avx2 {
                     let left = n_tok - t;
                     let rc = rc.clone();
                     t += if left >= 8 {
-                        pass::<8, TQ1>(w, q, qsum, t, rc, ch, out);
+                        pass::<8, L>(w, q, qsum, t, rc, ch, out);
                         8
                     } else if left >= 4 {
-                        pass::<4, TQ1>(w, q, qsum, t, rc, ch, out);
+                        pass::<4, L>(w, q, qsum, t, rc, ch, out);
                         4
                     } else if left >= 2 {
-                        pass::<2, TQ1>(w, q, qsum, t, rc, ch, out);
+                        pass::<2, L>(w, q, qsum, t, rc, ch, out);
                         2
                     } else {
-                        pass::<1, TQ1>(w, q, qsum, t, rc, ch, out);
+                        pass::<1, L>(w, q, qsum, t, rc, ch, out);
                         1
                     };
                 }
@@ -628,7 +695,7 @@ pub(crate) mod avx2 {
     /// blocks reach exactly i16::MIN at worst), and the total is `acc4 / 4 + acc1` (exact: every
     /// term of acc4 is a multiple of 4).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn gemv<const R: usize>(
+    pub unsafe fn gemv<const R: usize, const TQ2: bool>(
         w: &[*const u8; R],
         q: &[*const i8; 1],
         nb: usize,
@@ -646,18 +713,21 @@ pub(crate) mod avx2 {
             let mut s1 = [_mm256_setzero_si256(); R];
             while b < end {
                 let qb = q.add(128 * b);
-                let q0 = _mm256_loadu_si256(qb as *const __m256i);
-                let q1 = _mm256_loadu_si256(qb.add(32) as *const __m256i);
-                let q2 = _mm256_loadu_si256(qb.add(64) as *const __m256i);
-                let q3 = _mm256_loadu_si256(qb.add(96) as *const __m256i);
+                // TQ2_0 holds the four code vectors in the opposite order.
+                let chunk = |k: usize| {
+                    let k = if TQ2 { 3 - k } else { k };
+                    _mm256_loadu_si256(qb.add(32 * k) as *const __m256i)
+                };
+                let (q0, q1, q2, q3) = (chunk(0), chunk(1), chunk(2), chunk(3));
+                let at = super::block_offset::<TQ2>(b);
                 for i in 0..R {
                     if PREFETCH > 0 {
                         // A fixed distance ahead in the (contiguous) weight stream; past the
                         // end it only touches a line nobody needs.
-                        let p = w[i].wrapping_add(32 * b + PREFETCH);
+                        let p = w[i].wrapping_add(at + PREFETCH);
                         _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                     }
-                    let wv = _mm256_loadu_si256(w[i].add(32 * b) as *const __m256i);
+                    let wv = _mm256_loadu_si256(w[i].add(at) as *const __m256i);
                     let sh = _mm256_srli_epi16::<4>(wv);
                     let p4 = _mm256_add_epi16(
                         _mm256_maddubs_epi16(_mm256_and_si256(sh, m12), q0),
@@ -700,24 +770,30 @@ macro_rules! avx512_tile {
                                      4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4];
         static SHIFT_B: [u16; 32] = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
                                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        /// TQ2_0: codes 0..31 in bits 1-0, 32..63 in 3-2, 64..95 in 5-4, 96..127 in 7-6.
+        static SHIFT_A_TQ2: [u16; 32] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2];
+        static SHIFT_B_TQ2: [u16; 32] = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+                                         6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6];
 
-        /// `sum c*q` for R rows x T tokens over `nb` blocks.
+        /// `sum c*q` for R rows x T tokens over `nb` blocks (`TQ2`: of the TQ2_0 layout).
         $(#[$attr])*
-        pub unsafe fn tile<const R: usize, const T: usize>(
+        pub unsafe fn tile<const R: usize, const T: usize, const TQ2: bool>(
             w: &[*const u8; R],
             q: &[*const i8; T],
             nb: usize,
         ) -> [[i32; T]; R] {
             let mask = _mm512_set1_epi8(3);
-            let sa = _mm512_loadu_si512(SHIFT_A.as_ptr() as *const _);
-            let sb = _mm512_loadu_si512(SHIFT_B.as_ptr() as *const _);
+            let (sa, sb) = if TQ2 { (&SHIFT_A_TQ2, &SHIFT_B_TQ2) } else { (&SHIFT_A, &SHIFT_B) };
+            let sa = _mm512_loadu_si512(sa.as_ptr() as *const _);
+            let sb = _mm512_loadu_si512(sb.as_ptr() as *const _);
             let mut acc = [[_mm512_setzero_si512(); T]; R];
             for b in 0..nb {
                 let mut c01 = [_mm512_setzero_si512(); R];
                 let mut c23 = [_mm512_setzero_si512(); R];
                 for i in 0..R {
                     let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        w[i].add(32 * b) as *const __m256i,
+                        w[i].add(super::block_offset::<TQ2>(b)) as *const __m256i,
                     ));
                     c01[i] = _mm512_and_si512(_mm512_srlv_epi16(wb, sa), mask);
                     c23[i] = _mm512_and_si512(_mm512_srlv_epi16(wb, sb), mask);
@@ -814,20 +890,44 @@ pub(crate) mod tests {
         rows: usize,
         kp: usize,
         n_tok: usize,
+        layout: Layout,
         packed: Vec<u8>,
         q: Vec<i8>,
         qsum: Vec<i32>,
         want: Vec<i32>,
     }
 
+    impl Case {
+        fn view(&self) -> TernaryView<'_> {
+            match self.layout {
+                Layout::I2s => TernaryView::new(&self.packed, self.rows, self.kp),
+                Layout::Tq2 => TernaryView::tq2(&self.packed, self.rows, self.kp),
+                Layout::Tq1 => unreachable!("TQ1_0 cases are in crate::tq1"),
+            }
+        }
+    }
+
     /// Random codes and activations (10% each of the extremes -128 and 127), with the plain
-    /// sum over the unpacked codes as the expected result.
+    /// sum over the unpacked codes as the expected result: every shape in row-I2S, and the
+    /// shapes of whole 256-blocks also as TQ2_0 (encoded by the format crate, so the kernels
+    /// and llama.cpp's layout as the format tests pin it agree).
     fn cases() -> Vec<Case> {
         let mut rng = Lcg(42);
         let mut all = Vec::new();
-        for &(rows, k, n_tok) in SHAPES {
+        for (&(rows, k, n_tok), layout) in SHAPES.iter().map(|s| (s, Layout::I2s)).chain(
+            SHAPES
+                .iter()
+                .filter(|s| s.1 % 256 == 0)
+                .map(|s| (s, Layout::Tq2)),
+        ) {
             let kp = padded_len(k);
-            let (codes, packed) = random_matrix(&mut rng, rows, k);
+            let (codes, mut packed) = random_matrix(&mut rng, rows, k);
+            if layout == Layout::Tq2 {
+                packed.clear();
+                for c in &codes {
+                    bitnet_formats::codecs::encode_tq2_0_row(c, 0.5, &mut packed).unwrap();
+                }
+            }
             let mut q = vec![0i8; n_tok * kp];
             for t in 0..n_tok {
                 for e in 0..k {
@@ -853,6 +953,7 @@ pub(crate) mod tests {
                 rows,
                 kp,
                 n_tok,
+                layout,
                 packed,
                 q,
                 qsum,
@@ -876,21 +977,13 @@ pub(crate) mod tests {
             for c in cases() {
                 for &isa in &isas {
                     let mut got = vec![0i32; c.n_tok * c.rows];
-                    tp.install(|| {
-                        gemm(
-                            isa,
-                            TernaryView::new(&c.packed, c.rows, c.kp),
-                            &c.q,
-                            &c.qsum,
-                            c.n_tok,
-                            &mut got,
-                        )
-                    });
+                    tp.install(|| gemm(isa, c.view(), &c.q, &c.qsum, c.n_tok, &mut got));
                     assert_eq!(
                         got,
                         c.want,
-                        "{} t={threads} rows={} kp={} n_tok={}",
+                        "{} {:?} t={threads} rows={} kp={} n_tok={}",
                         isa.name(),
+                        c.layout,
                         c.rows,
                         c.kp,
                         c.n_tok
@@ -913,6 +1006,14 @@ pub(crate) mod tests {
             packed
         };
         assert_extremes_exact(rows, kp, build, |d, r, k| TernaryView::new(d, r, k));
+        let build_tq2 = |code: u8| {
+            let mut data = Vec::new();
+            for _ in 0..rows {
+                bitnet_formats::codecs::encode_tq2_0_row(&vec![code; kp], 1.0, &mut data).unwrap();
+            }
+            data
+        };
+        assert_extremes_exact(rows, kp, build_tq2, |d, r, k| TernaryView::tq2(d, r, k));
     }
 
     /// Every kernel on `rows` rows of `kp` weights all equal to `code - 1` (the matrix
@@ -949,45 +1050,25 @@ pub(crate) mod tests {
     #[test]
     fn avx512_tile_logic_matches_the_naive_sum_emulated() {
         for c in cases() {
-            let w = TernaryView::new(&c.packed, c.rows, c.kp);
+            let (w, tq2) = (c.view(), c.layout == Layout::Tq2);
             // Both configurations `gemm_rows` uses: 4x4 tiles (prompts) and one row at a time
             // (decode).
             for config in 0..2 {
                 let mut got = vec![0i32; c.n_tok * c.rows];
+                let (q, qsum, n, rows, out) = (&c.q, &c.qsum, c.n_tok, 0..c.rows, &mut got);
                 // SAFETY: the emulated tiles are plain Rust; sizes are consistent.
                 unsafe {
-                    if config == 0 {
-                        drive::<4, 4>(
-                            avx512_emu::tile::<4, 4>,
-                            avx512_emu::tile::<4, 1>,
-                            avx512_emu::tile::<1, 4>,
-                            avx512_emu::tile::<1, 1>,
-                            w,
-                            &c.q,
-                            &c.qsum,
-                            c.n_tok,
-                            0..c.rows,
-                            &mut got,
-                        )
-                    } else {
-                        drive::<1, 4>(
-                            avx512_emu::tile::<1, 4>,
-                            avx512_emu::tile::<1, 1>,
-                            avx512_emu::tile::<1, 4>,
-                            avx512_emu::tile::<1, 1>,
-                            w,
-                            &c.q,
-                            &c.qsum,
-                            c.n_tok,
-                            0..c.rows,
-                            &mut got,
-                        )
+                    match (config, tq2) {
+                        (0, false) => avx512_drive!(avx512_emu, 4, false, w, q, qsum, n, rows, out),
+                        (0, true) => avx512_drive!(avx512_emu, 4, true, w, q, qsum, n, rows, out),
+                        (_, false) => avx512_drive!(avx512_emu, 1, false, w, q, qsum, n, rows, out),
+                        (_, true) => avx512_drive!(avx512_emu, 1, true, w, q, qsum, n, rows, out),
                     }
                 };
                 assert_eq!(
                     got, c.want,
-                    "config {config} rows={} kp={} n_tok={}",
-                    c.rows, c.kp, c.n_tok
+                    "config {config} {:?} rows={} kp={} n_tok={}",
+                    c.layout, c.rows, c.kp, c.n_tok
                 );
             }
         }

@@ -255,7 +255,9 @@ pub(crate) mod avx2 {
                 }
             }
         } else {
-            crate::ternary::avx2::gemm_blocked::<true>(w, q, qsum, n_tok, rows, out)
+            crate::ternary::avx2::gemm_blocked::<{ crate::ternary::avx2::TQ1 }>(
+                w, q, qsum, n_tok, rows, out,
+            )
         }
     }
 }
