@@ -1,9 +1,10 @@
 //! Weights in their runtime form, and how each file format is turned into it.
 //!
-//! - Ternary (BitLinear) matrices become [`BitLinear`]: 2-bit codes in the kernels' row layout
+//! - Ternary (BitLinear) matrices become [`BitLinear`]: codes in one of the kernels' layouts
 //!   (see `bitnet_kernels::ternary`) and one f32 output scale `beta`. I2_S files whose rows are
-//!   whole 128-blocks (2B4T) are used straight from the memory map; everything else is repacked
-//!   once at load. No f32 copy of a ternary matrix is ever made. A lazy load (for converters)
+//!   whole 128-blocks (2B4T), TQ2_0 files, and TQ1_0 files with `--tq1-native` are used
+//!   straight from the memory map (only validated); everything else is repacked once at load
+//!   into the 2-bit row layout. No f32 copy of a ternary matrix is ever made. A lazy load (for converters)
 //!   keeps each matrix as its [`LinearSource`] and decodes it on demand, one at a time.
 //! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]);
 //!   the head can also be requantized at load to 8-bit or 6-bit blocks ([`HeadType`], an owned
@@ -681,9 +682,9 @@ impl LinearSource {
         }
     }
 
-    /// Read the matrix: validate its codes and bring them to the runtime layout (used straight
-    /// from the memory map where the file layout is that already: I2_S with whole 128-blocks
-    /// per row; repacked otherwise). Warns about an all-zero matrix and about float weights that
+    /// Read the matrix: validate its codes and bring them to a runtime layout (used straight
+    /// from the memory map where the kernels read the file's layout: I2_S with whole
+    /// 128-blocks per row, TQ2_0, TQ1_0 with `--tq1-native`; repacked otherwise). Warns about an all-zero matrix and about float weights that
     /// are not ternary.
     pub fn decode(&self, warnings: &mut Vec<String>) -> Result<BitLinear> {
         let (name, rows, cols) = (self.name.as_str(), self.rows, self.cols);
@@ -1003,7 +1004,7 @@ fn gguf_matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Flo
     )
 }
 
-/// The file ranges of the ternary matrices decoded into a copy (TQ2_0, TQ1_0, I2_S with
+/// The file ranges of the ternary matrices decoded into a copy (TQ1_0 by default, I2_S with
 /// partial blocks, Hugging Face checkpoints), given back once more when the whole model is
 /// loaded. Each was released right after its decode, but the page cache holds a file in large
 /// folios (2 MiB here) and reading the next tensor maps its whole folio again, the previous
