@@ -8,9 +8,10 @@
 //! trit n of byte x is `((x * 3^n mod 256) * 3) >> 8`. The trit is the weight's code `w + 1`,
 //! as in the 2-bit layout of [`crate::ternary`], so `sum w*q = sum c*q - sum q` here too.
 //!
-//! Why not repack to 2 bits at load, which decodes faster: people pick TQ1_0 for its size, and
-//! the 2-bit copy costs 0.31 bits per weight more than the file (80 MiB for 2B4T). The price
-//! is decode work: about six vector operations per 32 trits instead of about one.
+//! By default the engine repacks TQ1_0 to the 2-bit layout at load, which is faster to compute
+//! with; `--tq1-native` uses these kernels instead, for people who picked TQ1_0 for its size:
+//! the 2-bit copy holds 0.31 bits per weight more than the file (80 MiB for 2B4T). The price
+//! is decode work: about ten vector operations per 32 weights instead of about four.
 //!
 //! Decoding without multiplies (AVX2): with `x' = x ^ 0x80` read as i8, `x * 3 mod 256` in
 //! that flipped form is just `x' * 3 mod 256` (because 3 * 128 = 128 mod 256): two byte adds.
