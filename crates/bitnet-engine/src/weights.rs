@@ -4,8 +4,9 @@
 //!   (see `bitnet_kernels::ternary`) and one f32 output scale `beta`. I2_S files whose rows are
 //!   whole 128-blocks (2B4T), TQ2_0 files, and TQ1_0 files with `--tq1-native` are used
 //!   straight from the memory map (only validated); everything else is repacked once at load
-//!   into the 2-bit row layout. No f32 copy of a ternary matrix is ever made. A lazy load (for converters)
-//!   keeps each matrix as its [`LinearSource`] and decodes it on demand, one at a time.
+//!   into the 2-bit row layout. No f32 copy of a ternary matrix is ever made. A lazy load (for
+//!   converters) keeps each matrix as its [`LinearSource`] and decodes it on demand, one at a
+//!   time.
 //! - Embedding and output head stay in their stored float/quantized type ([`FloatMatrix`]);
 //!   the head can also be requantized at load to 8-bit or 6-bit blocks ([`HeadType`], an owned
 //!   copy).
@@ -134,7 +135,7 @@ pub struct BitLinear {
     pub beta: f32,
     /// How it was stored ("I2_S", "TQ2_0", "F16 ternary", "packed uint8", "BF16 absmean", ...).
     pub stored_as: String,
-    /// How `data` holds the codes: the 2-bit runtime layout, or TQ1_0 blocks as in the file.
+    /// How `data` holds the codes: the 2-bit row layout, or TQ2_0 / TQ1_0 blocks as in the file.
     pub layout: Layout,
     /// Lazy loads only ([`crate::Model::load_lazy`]): where to read the matrix from. Such a
     /// BitLinear holds no codes (`data` is empty, `beta` NaN) and cannot be multiplied; decode
@@ -167,26 +168,20 @@ impl BitLinear {
 
     /// Is every weight zero? (Some re-uploads of official checkpoints are broken that way.)
     pub fn all_zero(&self) -> bool {
-        let blocks = &self.data[..self.rows * self.view().row_bytes()];
+        let data = &self.data[..self.rows * self.view().row_bytes()];
         match self.layout {
-            Layout::Tq1 => {
-                return blocks
-                    .par_chunks(tq1::BLOCK_BYTES * 1024)
-                    .all(tq1::all_codes_one)
-            }
-            Layout::Tq2 => {
-                return blocks
-                    .par_chunks(ternary::TQ2_BLOCK_BYTES * 1024)
-                    .all(|c| c.chunks_exact(ternary::TQ2_BLOCK_BYTES).all(tq2_zero_block))
-            }
-            Layout::I2s => {}
+            // Every code is 1 (weight 0) exactly when every byte is 0b01010101: padding codes
+            // are 1 too. Byte comparisons vectorise; this runs at load over every matrix.
+            Layout::I2s => data
+                .par_chunks(1 << 16)
+                .all(|c| c.iter().fold(true, |ok, &b| ok & (b == 0x55))),
+            Layout::Tq2 => data
+                .par_chunks(ternary::TQ2_BLOCK_BYTES * 1024)
+                .all(|c| c.chunks_exact(ternary::TQ2_BLOCK_BYTES).all(tq2_zero_block)),
+            Layout::Tq1 => data
+                .par_chunks(tq1::BLOCK_BYTES * 1024)
+                .all(tq1::all_codes_one),
         }
-        // Every code is 1 (weight 0) exactly when every byte is 0b01010101: padding codes are
-        // 1 too. Byte comparisons vectorise; this runs at load over every ternary matrix.
-        let n = self.rows * self.kp() / 4;
-        self.data[..n]
-            .par_chunks(1 << 16)
-            .all(|c| c.iter().fold(true, |ok, &b| ok & (b == 0x55)))
     }
 }
 
@@ -684,8 +679,8 @@ impl LinearSource {
 
     /// Read the matrix: validate its codes and bring them to a runtime layout (used straight
     /// from the memory map where the kernels read the file's layout: I2_S with whole
-    /// 128-blocks per row, TQ2_0, TQ1_0 with `--tq1-native`; repacked otherwise). Warns about an all-zero matrix and about float weights that
-    /// are not ternary.
+    /// 128-blocks per row, TQ2_0, TQ1_0 with `--tq1-native`; repacked otherwise). Warns about
+    /// an all-zero matrix and about float weights that are not ternary.
     pub fn decode(&self, warnings: &mut Vec<String>) -> Result<BitLinear> {
         let (name, rows, cols) = (self.name.as_str(), self.rows, self.cols);
         let data = self.data();
@@ -887,13 +882,10 @@ fn par_block_scales(
     zero: impl Fn(&[u8]) -> std::result::Result<bool, ()> + Sync,
 ) -> std::result::Result<Vec<f32>, usize> {
     const PER_JOB: usize = 4096;
-    let merge = |mut a: Vec<f32>, b: Vec<f32>| {
-        for v in b {
-            if !a.contains(&v) {
-                a.push(v);
-            }
+    let add = |seen: &mut Vec<f32>, v: f32| {
+        if !seen.contains(&v) {
+            seen.push(v);
         }
-        a
     };
     blocks
         .par_chunks(block_bytes * PER_JOB)
@@ -909,12 +901,15 @@ fn par_block_scales(
                 let d = half::f16::from_bits(bits).to_f32();
                 if d != 0.0 && !all_zero {
                     last = Some(bits);
-                    seen = merge(seen, vec![d]);
+                    add(&mut seen, d);
                 }
             }
             Ok(seen)
         })
-        .try_reduce(Vec::new, |a, b| Ok(merge(a, b)))
+        .try_reduce(Vec::new, |mut a, b| {
+            b.into_iter().for_each(|v| add(&mut a, v));
+            Ok(a)
+        })
 }
 
 fn gguf_tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {

@@ -301,24 +301,22 @@ fn main() {
                     let mut out = vec![0i32; n_tok * rows];
                     let (mut base, macs, isa) = (None, rows * k * n_tok, Isa::detect());
                     let mut i = 0;
-                    let t = time(
-                        || {
-                            i = (i + 1) % copies;
-                            let v = TernaryView::new(&two[i * b2..], rows, k);
-                            ternary::gemm(isa, v, &q, &qsum, n_tok, &mut out)
-                        },
-                        0.6,
-                    );
-                    line(threads, &name, "2-bit", t, b2, macs, &mut base);
-                    let t = time(
-                        || {
-                            i = (i + 1) % copies;
-                            let v = TernaryView::tq1(&one[i * b1..], rows, k);
-                            ternary::gemm(isa, v, &q, &qsum, n_tok, &mut out)
-                        },
-                        0.6,
-                    );
-                    line(threads, &name, "tq1_0", t, b1, macs, &mut base);
+                    type View = for<'a> fn(&'a [u8], usize, usize) -> TernaryView<'a>;
+                    let layouts: [(&str, &[u8], usize, View); 2] = [
+                        ("2-bit", &two, b2, |d, r, k| TernaryView::new(d, r, k)),
+                        ("tq1_0", &one, b1, |d, r, k| TernaryView::tq1(d, r, k)),
+                    ];
+                    for (label, data, bytes, view) in layouts {
+                        let t = time(
+                            || {
+                                i = (i + 1) % copies;
+                                let v = view(&data[i * bytes..], rows, k);
+                                ternary::gemm(isa, v, &q, &qsum, n_tok, &mut out)
+                            },
+                            0.6,
+                        );
+                        line(threads, &name, label, t, bytes, macs, &mut base);
+                    }
                 }
             }
             let (rows, cols) = (128256usize, 2560usize);

@@ -78,10 +78,11 @@ pub fn tq2_code_at(row: &[u8], e: usize) -> u8 {
     (row[block_offset::<true>(block) + j % 32] >> (2 * (j / 32))) & 3
 }
 
-/// Scalar reference: `sum_e (code_e - 1) * q_e` over one packed row.
-pub fn dot_scalar(row: &[u8], q: &[i8]) -> i32 {
+/// Scalar reference: `sum_e (code_e - 1) * q_e` over one row, whose codes `code(row, e)`
+/// reads (its layout's [`TernaryView::code_reader`]).
+pub fn dot_scalar(code: fn(&[u8], usize) -> u8, row: &[u8], q: &[i8]) -> i32 {
     (0..q.len())
-        .map(|e| (code_at(row, e) as i32 - 1) * q[e] as i32)
+        .map(|e| (code(row, e) as i32 - 1) * q[e] as i32)
         .sum()
 }
 
@@ -166,14 +167,19 @@ impl<'a> TernaryView<'a> {
         &self.data[r * rb..(r + 1) * rb]
     }
 
+    /// The scalar reader of this layout: code (`w + 1`) of element `e` of a row.
+    pub fn code_reader(&self) -> fn(&[u8], usize) -> u8 {
+        match self.layout {
+            Layout::I2s => code_at,
+            Layout::Tq1 => crate::tq1::code_at,
+            Layout::Tq2 => tq2_code_at,
+        }
+    }
+
     /// Code (`w + 1`) of element `e` of row `r`.
     #[inline]
     pub fn code(&self, r: usize, e: usize) -> u8 {
-        match self.layout {
-            Layout::I2s => code_at(self.row(r), e),
-            Layout::Tq1 => crate::tq1::code_at(self.row(r), e),
-            Layout::Tq2 => tq2_code_at(self.row(r), e),
-        }
+        self.code_reader()(self.row(r), e)
     }
 }
 
@@ -392,17 +398,11 @@ pub(crate) fn gemm_rows_scalar(
     rows: std::ops::Range<usize>,
     out: &mut [i32],
 ) {
+    let code = w.code_reader();
     for r in rows {
         let row = w.row(r);
         for t in 0..n_tok {
-            let q = &q[t * w.kp..(t + 1) * w.kp];
-            out[t * w.rows + r] = match w.layout {
-                Layout::I2s => dot_scalar(row, q),
-                Layout::Tq1 => crate::tq1::dot_scalar(row, q),
-                Layout::Tq2 => (0..q.len())
-                    .map(|e| (tq2_code_at(row, e) as i32 - 1) * q[e] as i32)
-                    .sum(),
-            };
+            out[t * w.rows + r] = dot_scalar(code, row, &q[t * w.kp..(t + 1) * w.kp]);
         }
     }
 }

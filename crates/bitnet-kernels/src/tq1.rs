@@ -77,13 +77,6 @@ pub fn all_codes_one(blocks: &[u8]) -> bool {
     })
 }
 
-/// Scalar reference: `sum_e (code_e - 1) * q_e` over one row.
-pub fn dot_scalar(row: &[u8], q: &[i8]) -> i32 {
-    (0..q.len())
-        .map(|e| (code_at(row, e) as i32 - 1) * q[e] as i32)
-        .sum()
-}
-
 /// [`crate::ternary::gemm_rows`] for this layout. AVX-512 CPUs run the AVX2 kernel.
 pub(crate) fn gemm_rows(
     isa: Isa,
