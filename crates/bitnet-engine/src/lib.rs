@@ -7,6 +7,7 @@
 //! - [`tokenizer`], [`sampler`], [`generate`]: text in, tokens out, text back.
 //! - [`synth`]: synthetic models of real shapes, for benchmarks and tests (`bitnet synth`).
 
+mod bpe;
 pub mod chat;
 pub mod config;
 pub mod error;

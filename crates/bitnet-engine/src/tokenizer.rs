@@ -1,8 +1,9 @@
-//! The Llama 3 byte-level BPE tokenizer (BitNet b1.58 2B4T and the other byte-level BPE models),
-//! built on the `tokenizers` crate.
+//! The Llama 3 byte-level BPE tokenizer (BitNet b1.58 2B4T and the other byte-level BPE models).
 //!
-//! Two sources: the `tokenizer.ggml.*` metadata of a GGUF file (`model = gpt2`), or a Hugging
-//! Face `tokenizer.json` (plus `tokenizer_config.json` next to it when present).
+//! Two sources: the `tokenizer.ggml.*` metadata of a GGUF file (`model = gpt2`), encoded by our
+//! compact BPE ([`crate::bpe`]: the same algorithm as `tokenizers`, in a sixth of the memory), or
+//! a Hugging Face `tokenizer.json` (plus `tokenizer_config.json` next to it when present),
+//! encoded by the `tokenizers` crate, which handles every pipeline such a file can describe.
 //!
 //! BOS is never added by the underlying tokenizer (no post-processor for GGUF; encoding with
 //! `add_special_tokens = false` for tokenizer.json): [`Tokenizer::encode`] prepends it itself,
@@ -13,13 +14,8 @@ use std::path::Path;
 
 use bitnet_formats::GgufFile;
 use serde_json::Value;
-use tokenizers::decoders::DecoderWrapper;
-use tokenizers::models::bpe::{BpeBuilder, Vocab};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use crate::bpe::{Bpe, BpeError, TokenTable};
 use crate::{bail, Error, Result};
 
 /// The Llama 3 pre-tokenizer split regex (needs look-ahead: `fancy-regex`).
@@ -55,16 +51,21 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// A byte-level BPE tokenizer with its special tokens and chat metadata. `Send + Sync`; share it
 /// with `Arc`.
 pub struct Tokenizer {
-    hf: tokenizers::Tokenizer,
-    /// `token_bytes(id)` = `bytes[offsets[id]..offsets[id + 1]]`.
-    bytes: Vec<u8>,
-    offsets: Vec<usize>,
+    encoder: Encoder,
+    /// The raw bytes of every token (special tokens: their text).
+    tokens: TokenTable,
     special: Vec<bool>,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
     stop: Vec<u32>,
     chat_template: Option<String>,
+}
+
+/// Text to ids: our compact BPE for GGUF files, `tokenizers` for tokenizer.json files.
+enum Encoder {
+    Gguf(Box<Bpe>),
+    Json(Box<tokenizers::Tokenizer>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -140,40 +141,8 @@ fn split_merge(m: &str) -> Option<(&str, &str)> {
     Some((&m[..p], &m[p + 1..]))
 }
 
-/// The first merge that refers to a string that is not a token, as an error message.
-fn bad_merge(tokens: &[&str], merges: &[&str]) -> Option<String> {
-    let vocab: std::collections::HashSet<&str> = tokens.iter().copied().collect();
-    let mut joined = String::new();
-    for (i, m) in merges.iter().enumerate() {
-        let (a, b) = split_merge(m)?;
-        joined.clear();
-        joined.push_str(a);
-        joined.push_str(b);
-        for part in [a, b, joined.as_str()] {
-            if !vocab.contains(part) {
-                return Some(format!(
-                    "tokenizer.ggml.merges[{i}] = {m:?} refers to {part:?}, which is not in tokenizer.ggml.tokens"
-                ));
-            }
-        }
-    }
-    None
-}
-
 fn hf_err(ctx: &str, e: impl std::fmt::Display) -> Error {
     Error::new(format!("{ctx}: {e}"))
-}
-
-/// The Llama 3 pre-tokenizer: Split(regex, Isolated) then ByteLevel without its own regex.
-fn llama3_pre_tokenizer() -> Result<PreTokenizerWrapper> {
-    let split = Split::new(
-        SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| hf_err("Llama 3 pre-tokenizer regex", e))?;
-    let byte_level = ByteLevel::new(false, false, false);
-    Ok(Sequence::new(vec![split.into(), byte_level.into()]).into())
 }
 
 /// Does this serialized component (decoder, pre-tokenizer) contain a ByteLevel step?
@@ -296,32 +265,6 @@ impl Tokenizer {
             ),
         };
 
-        // Vocabulary (a duplicated string keeps its last id, like llama.cpp).
-        let mut vocab = Vocab::default();
-        vocab.reserve(n);
-        let mut max_len = 0;
-        for (i, t) in tokens.iter().enumerate() {
-            max_len = max_len.max(t.len());
-            vocab.insert((*t).to_string(), i as u32);
-        }
-
-        // Merges: "a b", split at the first space after the first character (like llama.cpp).
-        // The BPE builder checks that both halves and their concatenation are tokens (the
-        // detailed message comes from `bad_merge` below), but it would panic on a concatenation
-        // longer than every token, so that is checked here.
-        let mut merges = Vec::with_capacity(merges_raw.len());
-        for (i, m) in merges_raw.iter().enumerate() {
-            let Some((a, b)) = split_merge(m) else {
-                bail!("tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space");
-            };
-            if a.len() + b.len() > max_len {
-                bail!(
-                    "tokenizer.ggml.merges[{i}] = {m:?} refers to \"{a}{b}\", which is not in tokenizer.ggml.tokens"
-                );
-            }
-            merges.push((a.to_string(), b.to_string()));
-        }
-
         let id_key = |key: &str| -> Result<Option<u32>> {
             match g.get_u64(key)? {
                 None => Ok(None),
@@ -340,56 +283,71 @@ impl Tokenizer {
         };
         let chat_template = g.get_str("tokenizer.chat_template")?.map(str::to_string);
 
-        let bpe = BpeBuilder::new()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(true)
-            .build()
-            .map_err(|e| match bad_merge(&tokens, &merges_raw) {
-                Some(msg) => Error::new(msg),
-                None => hf_err("building the BPE model", e),
-            })?;
-        let mut hf = tokenizers::Tokenizer::new(bpe);
-        hf.with_pre_tokenizer(Some(llama3_pre_tokenizer()?));
-        hf.with_decoder(Some(DecoderWrapper::from(ByteLevel::default())));
-
-        // Control and user-defined tokens: never split, recognised in text.
+        // Control and user-defined tokens: their text is raw (not byte-level), they are never
+        // split and are recognised in text.
         let mut special = vec![false; n];
-        let mut added = Vec::new();
         let mut text_is_raw = vec![false; n];
+        let mut added = Vec::new();
         if let Some(types) = &types {
             for (i, &ty) in types.iter().enumerate() {
                 if ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED {
                     text_is_raw[i] = true;
                     special[i] = ty == TOKEN_TYPE_CONTROL;
-                    if !tokens[i].is_empty() {
-                        added.push(AddedToken::from(tokens[i], true));
-                    }
+                    added.push(i as u32);
                 }
             }
         }
-        if !added.is_empty() {
-            hf.add_special_tokens(added)
-                .map_err(|e| hf_err("adding special tokens", e))?;
-        }
 
         let table = unicode_to_byte_table();
-        let mut bytes = Vec::with_capacity(n * 8);
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0);
+        let mut token_table = TokenTable::with_capacity(n);
         for (i, t) in tokens.iter().enumerate() {
-            if text_is_raw[i] {
-                bytes.extend_from_slice(t.as_bytes());
-            } else {
-                byte_level_bytes(&table, t, &mut bytes);
-            }
-            offsets.push(bytes.len());
+            token_table.push_with(|out| {
+                if text_is_raw[i] {
+                    out.extend_from_slice(t.as_bytes());
+                } else {
+                    byte_level_bytes(&table, t, out);
+                }
+            })?;
         }
+        token_table.shrink_to_fit();
 
-        bytes.shrink_to_fit(); // grown by doubling: up to half of it unused
+        // Merges: "a b", split at the first space after the first character (like llama.cpp).
+        let mut halves = Vec::with_capacity(merges_raw.len());
+        for (i, m) in merges_raw.iter().enumerate() {
+            match split_merge(m) {
+                Some(h) => halves.push(h),
+                None => bail!(
+                    "tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space"
+                ),
+            }
+        }
+        let bpe = Bpe::new(
+            &token_table,
+            halves.iter().copied(),
+            |t, out| byte_level_bytes(&table, t, out),
+            &added,
+            LLAMA3_PRETOKENIZER_REGEX,
+        )
+        .map_err(|e| match e {
+            BpeError::Merge(i, part) => {
+                let (a, b) = halves[i];
+                let text = match part {
+                    0 => a.to_string(),
+                    1 => b.to_string(),
+                    _ => format!("{a}{b}"),
+                };
+                Error::new(format!(
+                    "tokenizer.ggml.merges[{i}] = {:?} refers to {text:?}, which is not in tokenizer.ggml.tokens",
+                    merges_raw[i]
+                ))
+            }
+            BpeError::Other(msg) => Error::new(msg),
+        })?;
+        drop(halves);
+
         let mut tok = Tokenizer {
-            hf,
-            bytes,
-            offsets,
+            encoder: Encoder::Gguf(Box::new(bpe)),
+            tokens: token_table,
             special,
             bos,
             eos,
@@ -457,23 +415,22 @@ impl Tokenizer {
             contains_type(&decoder, "ByteLevel")
         };
         let table = unicode_to_byte_table();
-        let mut bytes = Vec::with_capacity(n * 8);
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0);
+        let mut tokens = TokenTable::with_capacity(n);
         for (i, t) in text_of.iter().enumerate() {
-            if let Some(t) = t {
+            tokens.push_with(|out| {
+                let Some(t) = t else { return };
                 // Added tokens go through the ByteLevel decoder too in `tokenizers`
                 // ("<|eot_id|>" maps to itself; a raw "\n" is not in the alphabet and stays).
                 if byte_level {
-                    byte_level_bytes(&table, t, &mut bytes);
+                    byte_level_bytes(&table, t, out);
                 } else if text_is_raw[i] {
-                    bytes.extend_from_slice(t.as_bytes());
+                    out.extend_from_slice(t.as_bytes());
                 } else {
-                    sentencepiece_bytes(t, &mut bytes);
+                    sentencepiece_bytes(t, out);
                 }
-            }
-            offsets.push(bytes.len());
+            })?;
         }
+        tokens.shrink_to_fit();
 
         let lookup = |v: Option<&Value>| config_token_text(v).and_then(|s| hf.token_to_id(s));
         let mut bos = lookup(cfg("bos_token"));
@@ -502,11 +459,9 @@ impl Tokenizer {
             }
         }
 
-        bytes.shrink_to_fit(); // grown by doubling: up to half of it unused
         let mut tok = Tokenizer {
-            hf,
-            bytes,
-            offsets,
+            encoder: Encoder::Json(Box::new(hf)),
+            tokens,
             special,
             bos,
             eos,
@@ -543,20 +498,23 @@ impl Tokenizer {
     /// only when `allow_bos`, the source says to add it, and the text does not already start
     /// with it.
     pub fn encode(&self, text: &str, allow_bos: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .hf
-            .encode_fast(text, false)
-            .map_err(|e| hf_err("tokenizer", e))?;
-        let ids = enc.get_ids();
-        let mut out = Vec::with_capacity(ids.len() + 1);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        match &self.encoder {
+            Encoder::Gguf(bpe) => bpe.encode(&self.tokens, text, &mut out)?,
+            Encoder::Json(hf) => {
+                let enc = hf
+                    .encode_fast(text, false)
+                    .map_err(|e| hf_err("tokenizer", e))?;
+                out.extend_from_slice(enc.get_ids());
+            }
+        }
         if allow_bos && self.add_bos {
             if let Some(b) = self.bos {
-                if ids.first() != Some(&b) {
-                    out.push(b);
+                if out.first() != Some(&b) {
+                    out.insert(0, b);
                 }
             }
         }
-        out.extend_from_slice(ids);
         Ok(out)
     }
 
@@ -571,16 +529,11 @@ impl Tokenizer {
 
     /// The raw bytes of one token (special tokens: their text); empty for an out-of-range id.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        let i = id as usize;
-        if i + 1 < self.offsets.len() {
-            &self.bytes[self.offsets[i]..self.offsets[i + 1]]
-        } else {
-            &[]
-        }
+        self.tokens.get(id)
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.offsets.len() - 1
+        self.tokens.len()
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -609,7 +562,16 @@ impl Tokenizer {
 
     /// Exact vocabulary lookup (byte-level form for ordinary tokens, e.g. `"Ġworld"`).
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.hf.token_to_id(text)
+        match &self.encoder {
+            Encoder::Gguf(bpe) => {
+                // GGUF keys are token bytes: a control token's text is its bytes, an ordinary
+                // token's text is decoded from the byte-level alphabet first.
+                let mut bytes = Vec::with_capacity(text.len());
+                byte_level_bytes(&unicode_to_byte_table(), text, &mut bytes);
+                bpe.token_id(&self.tokens, &bytes)
+            }
+            Encoder::Json(hf) => hf.token_to_id(text),
+        }
     }
 
     /// A control token: GGUF token_type 3, or a tokenizer.json added token marked special.
@@ -823,13 +785,9 @@ mod tests {
         assert_eq!(tok.chat_template(), None);
     }
 
-    /// The Llama 3 vocabulary written as GGUF metadata (the way llama.cpp's converter does), read
-    /// back through `from_gguf`: same ids on every golden case. Also times the 128k build.
-    #[test]
-    fn llama3_as_gguf_matches_cases() {
-        let Some((json_tok, cases)) = llama3_cases() else {
-            return;
-        };
+    /// The Llama 3 vocabulary written as GGUF metadata (the way llama.cpp's converter does) and
+    /// read back through `from_gguf`. Also times the 128k build.
+    fn llama3_as_gguf(json_tok: &Tokenizer, name: &str) -> Tokenizer {
         let j: Value = serde_json::from_str(
             &std::fs::read_to_string(llama3_dir().join("tokenizer.json")).unwrap(),
         )
@@ -874,13 +832,26 @@ mod tests {
         md.push(("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(128001)));
         md.push(("tokenizer.ggml.eot_token_id".into(), MetaValue::U32(128009)));
         md.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true)));
-        let dir = temp_dir("llama3gguf");
+        let dir = temp_dir(name);
         let path = dir.join("llama3-vocab.gguf");
         std::fs::write(&path, w.to_bytes()).unwrap();
         let g = GgufFile::open(&path).unwrap();
         let t0 = std::time::Instant::now();
         let tok = Tokenizer::from_gguf(&g).unwrap();
         eprintln!("128k-vocab GGUF tokenizer built in {:?}", t0.elapsed());
+        drop(g);
+        let _ = std::fs::remove_dir_all(&dir);
+        tok
+    }
+
+    /// The GGUF tokenizer (our compact BPE) gives the same ids as the golden cases.
+    #[test]
+    fn llama3_as_gguf_matches_cases() {
+        let Some((json_tok, cases)) = llama3_cases() else {
+            return;
+        };
+        let n = json_tok.n_vocab();
+        let tok = llama3_as_gguf(&json_tok, "llama3gguf");
         assert_eq!(tok.n_vocab(), 128256);
         for c in &cases {
             let text = c["text"].as_str().unwrap();
@@ -899,7 +870,138 @@ mod tests {
             vec![128000, 13347]
         );
         assert_eq!(tok.stop_ids(), vec![128001, 128009]);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(tok.token_id("Ġworld"), Some(1917));
+        assert_eq!(tok.token_id("<|eot_id|>"), Some(128009));
+        assert_eq!(tok.token_id("no such token"), None);
+    }
+
+    /// Our compact BPE (GGUF) against the `tokenizers` crate (tokenizer.json) on the Llama 3
+    /// vocabulary: the same ids for thousands of random texts mixing scripts, digits,
+    /// whitespace runs, contractions, emoji, special-token texts and near-misses of them, and
+    /// for long pieces that exercise the merge queue (a quadratic merge loop would hang here).
+    #[test]
+    fn llama3_gguf_bpe_equals_tokenizers_crate() {
+        let Some((json_tok, _)) = llama3_cases() else {
+            return;
+        };
+        let tok = llama3_as_gguf(&json_tok, "llama3bpe");
+        const PARTS: &[&str] = &[
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\n\n",
+            " \n ",
+            "\u{a0}",
+            "\u{3000}",
+            "a",
+            "the",
+            "The",
+            " world",
+            "HELLO",
+            "'s",
+            "'T",
+            "'re",
+            "'ll",
+            "'d",
+            "'m",
+            "'ve",
+            "'",
+            "\"",
+            "1",
+            "12",
+            "12345",
+            "3.14",
+            "٣",
+            "Ⅻ",
+            "½",
+            ".",
+            ",",
+            "!!",
+            "?",
+            "...",
+            "-",
+            "_",
+            "(",
+            ")",
+            "{}",
+            "<",
+            ">",
+            "</",
+            "<|",
+            "|>",
+            "<|eot_id|>",
+            "<|begin_of_text|>",
+            "<|eot_id",
+            "<|reserved_special_token_0|>",
+            "é",
+            "e\u{301}",
+            "ß",
+            "Ω",
+            "Привет",
+            "мир",
+            "你好",
+            "世界",
+            "日本語",
+            "한국어",
+            "नमस्ते",
+            "ि",
+            "مرحبا",
+            "שלום",
+            "😀",
+            "👍🏽",
+            "👨\u{200d}👩",
+            "🇫🇷",
+            "\u{200b}",
+            "\u{feff}",
+            "∑",
+            "→",
+            "\u{10ffff}",
+            "\u{fffd}",
+            "\x7f",
+            "\x01",
+            "fn",
+            "let",
+            "::",
+            "->",
+            "=>",
+            "//",
+            "#",
+            "@",
+            "$",
+            "%",
+            "^",
+            "&",
+            "*",
+            "~",
+            "`",
+        ];
+        let mut state = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut texts: Vec<String> = (0..3000)
+            .map(|_| {
+                let len = (next() % 24) as usize;
+                (0..len)
+                    .map(|_| PARTS[(next() % PARTS.len() as u64) as usize])
+                    .collect()
+            })
+            .collect();
+        texts.push("!".repeat(20000));
+        texts.push("a".repeat(20000));
+        texts.push("ab".repeat(10000) + &" ".repeat(5000) + "x");
+        texts.push("😀".repeat(3000));
+        texts.push("1".repeat(999) + &"\n".repeat(1000));
+        for text in &texts {
+            let want = json_tok.encode(text, false).unwrap();
+            let got = tok.encode(text, false).unwrap();
+            assert_eq!(got, want, "{text:?}");
+        }
     }
 
     // ---- 2. tiny GGUF tokenizers ----
@@ -1032,12 +1134,46 @@ mod tests {
 
     // ---- tokenizer.json + tokenizer_config.json ----
 
+    /// A GGUF file's tokenizer as a `tokenizers` pipeline (what `from_gguf` built before it had
+    /// its own BPE), to write tokenizer.json files from.
+    fn hf_from_gguf(path: &Path) -> tokenizers::Tokenizer {
+        use tokenizers::models::bpe::BpeBuilder;
+        use tokenizers::pre_tokenizers::{byte_level::ByteLevel, sequence::Sequence, split};
+        let g = GgufFile::open(path).unwrap();
+        let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap().unwrap();
+        let types = g
+            .get_int_array("tokenizer.ggml.token_type")
+            .unwrap()
+            .unwrap();
+        let merges = g.get_str_array("tokenizer.ggml.merges").unwrap().unwrap();
+        let vocab = tokens.iter().enumerate();
+        let vocab: tokenizers::models::bpe::Vocab =
+            vocab.map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let merges = merges.iter().map(|m| split_merge(m).unwrap());
+        let merges = merges
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let bpe = BpeBuilder::new().vocab_and_merges(vocab, merges);
+        let mut hf = tokenizers::Tokenizer::new(bpe.ignore_merges(true).build().unwrap());
+        let regex = split::SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.to_string());
+        let isolated = tokenizers::SplitDelimiterBehavior::Isolated;
+        let split = split::Split::new(regex, isolated, false).unwrap();
+        let byte_level = ByteLevel::new(false, false, false);
+        hf.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
+        hf.with_decoder(Some(ByteLevel::default()));
+        let added = (0..tokens.len()).filter(|&i| types[i] == TOKEN_TYPE_CONTROL);
+        let added = added.map(|i| tokenizers::AddedToken::from(tokens[i], true));
+        hf.add_special_tokens(added.collect::<Vec<_>>()).unwrap();
+        hf
+    }
+
     #[test]
     fn tokenizer_json_config_and_post_processor() {
         // Write the tiny GGUF tokenizer out as tokenizer.json, then read it back with configs.
         let base = tiny("tiny-tq2_0.gguf");
+        let base_hf = hf_from_gguf(&tiny_gguf("tiny-tq2_0.gguf"));
         let dir = temp_dir("json");
-        base.hf.save(dir.join("tokenizer.json"), false).unwrap();
+        base_hf.save(dir.join("tokenizer.json"), false).unwrap();
         assert!(Tokenizer::from_hf_dir(&temp_dir("empty"))
             .unwrap()
             .is_none());
@@ -1082,7 +1218,7 @@ mod tests {
 
         // add_bos from a TemplateProcessing post-processor (config without add_bos_token): the
         // post-processor itself is not used when encoding, so BOS still appears only once.
-        let mut hf = base.hf.clone();
+        let mut hf = base_hf.clone();
         let tp = tokenizers::processors::template::TemplateProcessing::builder()
             .try_single("<|begin_of_text|> $A")
             .unwrap()
