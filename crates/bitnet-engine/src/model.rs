@@ -25,7 +25,7 @@ use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Error, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
-use bitnet_kernels::float::{attn_scores, attn_values, rms_norm, softmax, KvElem};
+use bitnet_kernels::float::{attention_rows, rms_norm, AttnArgs, KvElem};
 use bitnet_kernels::quant::quantize_row;
 use bitnet_kernels::ternary::{self, padded_len};
 use bitnet_kernels::{pool, Isa, SyncPtr};
@@ -580,6 +580,11 @@ fn layer_caches<'a, T>(
 /// in their sequences' caches: token t belongs to sequence `tok_seq[t]` at position
 /// `tok_pos[t]` and attends to positions 0..=tok_pos[t] of that cache. Query head h reads KV
 /// head h / (n_head / n_kv).
+///
+/// One job is a block of consecutive tokens of one sequence and the query heads of one KV head
+/// (or a part of them when there would be too few jobs for the threads): its rows share every
+/// key and value load ([`attention_rows`]), and a row's result does not depend on the job's
+/// shape, so how tokens are batched never changes an answer.
 fn attention<T: KvElem>(
     c: &Config,
     isa: Isa,
@@ -589,37 +594,92 @@ fn attention<T: KvElem>(
     tok_pos: &[usize],
     out: &mut [f32],
 ) {
+    /// Rows (query heads x tokens) per job at most, when the heads allow it: 32 rows of 512
+    /// keys are 64 KiB of scores.
+    const MAX_ROWS: usize = 32;
     let (hd, q_dim, kv_dim) = (c.head_dim, c.q_dim(), c.kv_dim());
     let group = c.n_head / c.n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let nt = tok_seq.len();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     thread_local! {
-        /// Attention scores of one (token, head) job; kept per thread (the pool's threads
-        /// persist), so decoding allocates nothing here.
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// Token blocks of one call (on the calling thread) and each worker's scratch; the
+        /// pool's threads persist, so decoding allocates nothing here after the first token.
+        static BLOCKS: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<AttnScratch> = std::cell::RefCell::new(AttnScratch::default());
     }
-    // Later tokens attend to more keys: several ranges per thread, claimed as threads free up.
-    pool::for_ranges_split(nt * c.n_head, 1, 1, 4, |jobs| {
-        SCORES.with(|scores| {
-            let scores = &mut *scores.borrow_mut();
-            for job in jobs {
-                let (t, h) = (job / c.n_head, job % c.n_head);
-                let (kc, vc) = caches[tok_seq[t]];
-                let n_keys = tok_pos[t] + 1;
-                let qh = &q[t * q_dim + h * hd..][..hd];
-                let kvh = (h / group) * hd;
-                scores.resize(n_keys, 0.0);
-                attn_scores(isa, qh, &kc[kvh..], kv_dim, scale, scores);
-                softmax(scores);
-                // SAFETY: each (t, h) job writes only its own head_dim slice of `out`.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * q_dim + h * hd), hd)
-                };
-                attn_values(isa, scores, &vc[kvh..], kv_dim, o);
+    // Query heads per job: the whole group, unless that leaves fewer than 4 jobs per thread
+    // (decoding one token: one block per KV head). `nt` bounds the number of blocks.
+    let mut split = 1;
+    while group.is_multiple_of(split * 2) && nt * c.n_head_kv * split < 4 * pool::threads() {
+        split *= 2;
+    }
+    let heads = group / split;
+    let block_tokens = (MAX_ROWS / heads).max(1);
+    BLOCKS.with(|blocks| {
+        let blocks = &mut *blocks.borrow_mut();
+        blocks.clear();
+        let mut t0 = 0;
+        while t0 < nt {
+            let mut t1 = t0 + 1;
+            while t1 < nt && t1 - t0 < block_tokens && tok_seq[t1] == tok_seq[t0] {
+                t1 += 1;
             }
-        })
+            blocks.push((t0, t1));
+            t0 = t1;
+        }
+        let blocks = &*blocks;
+        let jobs = blocks.len() * c.n_head_kv * split;
+        // Later tokens attend to more keys: several ranges per thread, claimed as threads free up.
+        pool::for_ranges_split(jobs, 1, 1, 4, |range| {
+            SCRATCH.with(|scratch| {
+                let s = &mut *scratch.borrow_mut();
+                for job in range {
+                    let (b, rest) = (job / (c.n_head_kv * split), job % (c.n_head_kv * split));
+                    let (kvh, part) = (rest / split, rest % split);
+                    let (t0, t1) = blocks[b];
+                    let (kc, vc) = caches[tok_seq[t0]];
+                    let h0 = kvh * group + part * heads;
+                    // Rows token-major: a tile of four rows is four heads of one token.
+                    s.q_off.clear();
+                    s.n_keys.clear();
+                    for (t, &pos) in tok_pos.iter().enumerate().take(t1).skip(t0) {
+                        for h in h0..h0 + heads {
+                            s.q_off.push(t * q_dim + h * hd);
+                            s.n_keys.push(pos + 1);
+                        }
+                    }
+                    let args = AttnArgs {
+                        hd,
+                        q,
+                        q_off: &s.q_off,
+                        n_keys: &s.n_keys,
+                        keys: &kc[kvh * hd..],
+                        values: &vc[kvh * hd..],
+                        stride: kv_dim,
+                        scale,
+                    };
+                    s.out.resize(s.q_off.len() * hd, 0.0);
+                    attention_rows(isa, &args, &mut s.scores, &mut s.out);
+                    for (r, &off) in s.q_off.iter().enumerate() {
+                        // SAFETY: each (token, head) row of `out` belongs to exactly one job.
+                        let o =
+                            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(off), hd) };
+                        o.copy_from_slice(&s.out[r * hd..][..hd]);
+                    }
+                }
+            })
+        });
     });
+}
+
+/// A worker's attention scratch (see [`attention`]).
+#[derive(Default)]
+struct AttnScratch {
+    q_off: Vec<usize>,
+    n_keys: Vec<usize>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
 }
 
 /// int8 activations of several tokens, each row padded to a multiple of 128.

@@ -13,13 +13,10 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
 
-    /// The AVX2 + FMA (+ F16C for f16) kernels for this element type.
+    /// The AVX2 + FMA (+ F16C for f16) version of [`attention_rows`] for this element type.
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
-    unsafe fn scores_avx2(q: &[f32], keys: &[Self], stride: usize, scale: f32, scores: &mut [f32]);
-    #[cfg(target_arch = "x86_64")]
-    #[doc(hidden)]
-    unsafe fn values_avx2(p: &[f32], values: &[Self], stride: usize, out: &mut [f32]);
+    unsafe fn rows_avx2(a: &AttnArgs<Self>, scores: &mut [f32], out: &mut [f32]);
 }
 
 impl KvElem for f32 {
@@ -28,14 +25,8 @@ impl KvElem for f32 {
         self
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn scores_avx2(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-        for (j, sc) in scores.iter_mut().enumerate() {
-            *sc = dot_f32_avx2(q, keys.get_unchecked(j * stride..j * stride + q.len())) * scale;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn values_avx2(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-        attn_values_f32_avx2(p, values, stride, out)
+    unsafe fn rows_avx2(a: &AttnArgs<f32>, scores: &mut [f32], out: &mut [f32]) {
+        attn_f32_avx2::rows(a, scores, out)
     }
 }
 
@@ -45,41 +36,76 @@ impl KvElem for f16 {
         f16::to_f32(self)
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn scores_avx2(q: &[f32], keys: &[f16], stride: usize, scale: f32, scores: &mut [f32]) {
-        for (j, sc) in scores.iter_mut().enumerate() {
-            let row = keys.as_ptr().add(j * stride) as *const u8;
-            *sc = dot_f16_avx2(std::slice::from_raw_parts(row, 2 * q.len()), q) * scale;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn values_avx2(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
-        attn_values_f16_avx2(p, values, stride, out)
+    unsafe fn rows_avx2(a: &AttnArgs<f16>, scores: &mut [f32], out: &mut [f32]) {
+        attn_f16_avx2::rows(a, scores, out)
     }
 }
 
-/// Attention scores of one query head: `scores[j] = scale * (q . key_j)`, where key j is
-/// `keys[j * stride..][..q.len()]` (a KV cache row). One call per (token, head), so the loop
-/// over keys runs inside the SIMD code.
-pub fn attn_scores<T: KvElem>(
+/// One call of [`attention_rows`]: query rows that read the same keys and values (the query
+/// heads of one KV head, for one or more tokens of one sequence).
+pub struct AttnArgs<'a, T> {
+    /// Head size.
+    pub hd: usize,
+    /// Row r's query is `q[q_off[r]..][..hd]` ...
+    pub q: &'a [f32],
+    pub q_off: &'a [usize],
+    /// ... and it attends to keys and values `0..n_keys[r]` (at least one).
+    pub n_keys: &'a [usize],
+    /// Key j is `keys[j * stride..][..hd]`, value j `values[j * stride..][..hd]` (KV cache
+    /// rows, already offset to this KV head).
+    pub keys: &'a [T],
+    pub values: &'a [T],
+    pub stride: usize,
+    /// Multiplies every score (1 / sqrt(hd)).
+    pub scale: f32,
+}
+
+/// Causal attention of several query rows against the same keys and values:
+/// `out[r * hd..][..hd] = softmax(scale * q_r K^T) V` over row r's first `n_keys[r]` keys.
+///
+/// The SIMD kernel works on tiles of four rows, so each key and value element is loaded once
+/// for four rows instead of once per row (grouped-query attention shares every KV head between
+/// several query heads, and the tokens of a prompt share the keys before them). A row's result
+/// is bit-for-bit the same whichever other rows share the call, so batching stays invariant.
+/// `scores` is scratch, resized here.
+pub fn attention_rows<T: KvElem>(
     isa: Isa,
-    q: &[f32],
-    keys: &[T],
-    stride: usize,
-    scale: f32,
-    scores: &mut [f32],
+    a: &AttnArgs<T>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
 ) {
-    let hd = q.len();
-    if let Some(j) = scores.len().checked_sub(1) {
-        assert!(keys.len() >= j * stride + hd);
+    let (hd, rows) = (a.hd, a.n_keys.len());
+    let max_keys = a.n_keys.iter().copied().max().unwrap_or(0);
+    assert_eq!(a.q_off.len(), rows);
+    assert!(out.len() >= rows * hd);
+    assert!(a.q_off.iter().all(|&o| o + hd <= a.q.len()));
+    assert!(a.n_keys.iter().all(|&n| n >= 1));
+    if let Some(j) = max_keys.checked_sub(1) {
+        assert!(a.keys.len() >= j * a.stride + hd && a.values.len() >= j * a.stride + hd);
     }
+    scores.resize(rows * max_keys, 0.0);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
-            T::scores_avx2(q, keys, stride, scale, scores)
-        },
-        _ => {
-            for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot_kv(q, &keys[j * stride..][..hd]) * scale;
+        Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe { T::rows_avx2(a, scores, out) },
+        _ => attention_rows_scalar(a, scores, out),
+    }
+}
+
+/// The scalar reference: one row at a time, every product in order.
+fn attention_rows_scalar<T: KvElem>(a: &AttnArgs<T>, scores: &mut [f32], out: &mut [f32]) {
+    let (hd, stride) = (a.hd, a.stride);
+    for (r, &n) in a.n_keys.iter().enumerate() {
+        let q = &a.q[a.q_off[r]..][..hd];
+        let p = &mut scores[..n];
+        for (j, sc) in p.iter_mut().enumerate() {
+            *sc = dot_kv(q, &a.keys[j * stride..][..hd]) * a.scale;
+        }
+        softmax(p);
+        let o = &mut out[r * hd..][..hd];
+        o.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            for (o, v) in o.iter_mut().zip(&a.values[j * stride..][..hd]) {
+                *o += pj * v.to_f32();
             }
         }
     }
@@ -103,116 +129,206 @@ fn dot_kv<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     s
 }
 
-/// Attention output of one head: `out = sum_j p[j] * value_j`, value j being
-/// `values[j * stride..][..out.len()]`.
-pub fn attn_values<T: KvElem>(isa: Isa, p: &[f32], values: &[T], stride: usize, out: &mut [f32]) {
-    let hd = out.len();
-    if let Some(j) = p.len().checked_sub(1) {
-        assert!(values.len() >= j * stride + hd);
-    }
-    match isa {
+/// The AVX2 [`attention_rows`] for one cache element type; `$load(ptr)` reads eight elements
+/// as f32. Every (row, key) score and every output element is computed by the same sequence
+/// of operations whatever tile it falls in (batch invariance).
+macro_rules! attn_rows_avx2 {
+    ($module:ident, $t:ty, $features:literal, $load:expr) => {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe {
-            T::values_avx2(p, values, stride, out)
-        },
-        _ => {
-            out.fill(0.0);
-            for (j, &pj) in p.iter().enumerate() {
-                for (o, v) in out.iter_mut().zip(&values[j * stride..][..hd]) {
-                    *o += pj * v.to_f32();
-                }
-            }
-        }
-    }
-}
-
-/// The AVX2 value accumulation, for f32 rows and (with F16C) f16 rows: `$load(ptr)` reads
-/// eight elements as f32.
-macro_rules! attn_values_avx2 {
-    ($name:ident, $t:ty, $features:literal, $load:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(p: &[f32], values: &[$t], stride: usize, out: &mut [f32]) {
+        mod $module {
+            use super::{softmax, AttnArgs, KvElem};
+            #[allow(unused_imports)]
+            use half::f16;
             use std::arch::x86_64::*;
-            let load = $load;
-            let hd = out.len();
-            let pv = values.as_ptr();
-            // 32 outputs at a time stay in four registers while every value row streams past.
-            let mut c = 0;
-            while c + 32 <= hd {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (j, &pj) in p.iter().enumerate() {
-                    let w = _mm256_set1_ps(pj);
-                    let row = pv.add(j * stride + c);
-                    for (k, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w, load(row.add(8 * k)), *acc);
-                    }
-                }
-                for (k, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *acc);
-                }
-                c += 32;
+
+            /// Rows per tile: four rows' accumulators for three keys, or for 16 outputs, fit
+            /// in the 16 vector registers with the shared loads.
+            const TILE_ROWS: usize = 4;
+            const TILE_KEYS: usize = 3;
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn load8(p: *const $t) -> __m256 {
+                let load = $load;
+                load(p)
             }
-            // The tail (head sizes that are not multiples of 32), one element at a time.
-            if c < hd {
-                out[c..].fill(0.0);
-                for (j, &pj) in p.iter().enumerate() {
-                    for (i, o) in out[c..].iter_mut().enumerate() {
-                        *o += pj * KvElem::to_f32(*pv.add(j * stride + c + i));
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+            }
+
+            /// `K` keys against `R` query rows, each key chunk loaded once for all rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn score_tile<const R: usize, const K: usize>(
+                hd: usize,
+                q: [*const f32; R],
+                k: [*const $t; K],
+                scale: f32,
+                scores: [*mut f32; R],
+            ) {
+                let mut acc = [[_mm256_setzero_ps(); K]; R];
+                let mut d = 0;
+                while d + 8 <= hd {
+                    let mut kv = [_mm256_setzero_ps(); K];
+                    for (i, kv) in kv.iter_mut().enumerate() {
+                        *kv = load8(k[i].add(d));
                     }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(q[r].add(d));
+                        for (acc, kv) in acc.iter_mut().zip(&kv) {
+                            *acc = _mm256_fmadd_ps(qv, *kv, *acc);
+                        }
+                    }
+                    d += 8;
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    for (i, acc) in acc.iter().enumerate() {
+                        let mut s = hsum(*acc);
+                        for e in d..hd {
+                            s += *q[r].add(e) * KvElem::to_f32(*k[i].add(e));
+                        }
+                        *scores[r].add(i) = s * scale;
+                    }
+                }
+            }
+
+            /// Scores of `R` rows against keys `0..n`, three keys at a time.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn score_rows<const R: usize>(
+                a: &AttnArgs<$t>,
+                q: [*const f32; R],
+                n: usize,
+                scores: [*mut f32; R],
+            ) {
+                let key = |j: usize| a.keys.as_ptr().add(j * a.stride);
+                let at = |j: usize| scores.map(|s| s.add(j));
+                let mut j = 0;
+                while j + TILE_KEYS <= n {
+                    score_tile::<R, 3>(a.hd, q, [key(j), key(j + 1), key(j + 2)], a.scale, at(j));
+                    j += TILE_KEYS;
+                }
+                match n - j {
+                    2 => score_tile::<R, 2>(a.hd, q, [key(j), key(j + 1)], a.scale, at(j)),
+                    1 => score_tile::<R, 1>(a.hd, q, [key(j)], a.scale, at(j)),
+                    _ => {}
+                }
+            }
+
+            /// `out_r = sum_j p_r[j] value_j` for `R` rows over values `0..n`, each value
+            /// chunk loaded once for all rows; 16 outputs at a time, then 8, then one by one.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn value_rows<const R: usize>(
+                a: &AttnArgs<$t>,
+                p: [*const f32; R],
+                n: usize,
+                out: [*mut f32; R],
+            ) {
+                let (hd, v) = (a.hd, a.values.as_ptr());
+                let mut c = 0;
+                while c + 16 <= hd {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                    for j in 0..n {
+                        let row = v.add(j * a.stride + c);
+                        let (v0, v1) = (load8(row), load8(row.add(8)));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let w = _mm256_broadcast_ss(&*p[r].add(j));
+                            acc[0] = _mm256_fmadd_ps(w, v0, acc[0]);
+                            acc[1] = _mm256_fmadd_ps(w, v1, acc[1]);
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(out[r].add(c), acc[0]);
+                        _mm256_storeu_ps(out[r].add(c + 8), acc[1]);
+                    }
+                    c += 16;
+                }
+                if c + 8 <= hd {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    for j in 0..n {
+                        let v0 = load8(v.add(j * a.stride + c));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*p[r].add(j)), v0, *acc);
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(out[r].add(c), *acc);
+                    }
+                    c += 8;
+                }
+                for e in c..hd {
+                    for r in 0..R {
+                        let mut o = 0f32;
+                        for j in 0..n {
+                            o += *p[r].add(j) * KvElem::to_f32(*v.add(j * a.stride + e));
+                        }
+                        *out[r].add(e) = o;
+                    }
+                }
+            }
+
+            /// One tile: scores, softmax over each row's own keys (zeros after them, up to
+            /// the tile's longest row), values.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const R: usize>(
+                a: &AttnArgs<$t>,
+                r0: usize,
+                scores: &mut [f32],
+                ld: usize,
+                out: &mut [f32],
+            ) {
+                let n_keys = &a.n_keys[r0..r0 + R];
+                let n = n_keys.iter().copied().max().unwrap_or(0);
+                let q: [*const f32; R] = std::array::from_fn(|i| a.q.as_ptr().add(a.q_off[r0 + i]));
+                let sp = scores.as_mut_ptr();
+                let s_rows: [*mut f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
+                score_rows::<R>(a, q, n, s_rows);
+                for (i, &ni) in n_keys.iter().enumerate() {
+                    let row = &mut scores[(r0 + i) * ld..][..n];
+                    softmax(&mut row[..ni]);
+                    row[ni..].fill(0.0);
+                }
+                let sp = scores.as_ptr();
+                let p: [*const f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
+                let op = out.as_mut_ptr();
+                let o: [*mut f32; R] = std::array::from_fn(|i| op.add((r0 + i) * a.hd));
+                value_rows::<R>(a, p, n, o);
+            }
+
+            /// [`super::attention_rows`] on AVX2: the arguments are checked there.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows(a: &AttnArgs<$t>, scores: &mut [f32], out: &mut [f32]) {
+                let rows = a.n_keys.len();
+                let ld = scores.len() / rows.max(1);
+                let mut r0 = 0;
+                while r0 + TILE_ROWS <= rows {
+                    tile::<4>(a, r0, scores, ld, out);
+                    r0 += TILE_ROWS;
+                }
+                match rows - r0 {
+                    3 => tile::<3>(a, r0, scores, ld, out),
+                    2 => tile::<2>(a, r0, scores, ld, out),
+                    1 => tile::<1>(a, r0, scores, ld, out),
+                    _ => {}
                 }
             }
         }
     };
 }
 
-attn_values_avx2!(attn_values_f32_avx2, f32, "avx2,fma", |r: *const f32| {
+attn_rows_avx2!(attn_f32_avx2, f32, "avx2,fma", |r: *const f32| {
     _mm256_loadu_ps(r)
 });
-attn_values_avx2!(
-    attn_values_f16_avx2,
-    f16,
-    "avx2,fma,f16c",
-    |r: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(r as *const __m128i))
-);
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            let (x, y) = (
-                _mm256_loadu_ps(pa.add(i + 8 * k)),
-                _mm256_loadu_ps(pb.add(i + 8 * k)),
-            );
-            *acc = _mm256_fmadd_ps(x, y, *acc);
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i)),
-            _mm256_loadu_ps(pb.add(i)),
-            acc[0],
-        );
-        i += 8;
-    }
-    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    let mut s = _mm_cvtss_f32(h);
-    while i < n {
-        s += a[i] * b[i];
-        i += 1;
-    }
-    s
-}
+attn_rows_avx2!(attn_f16_avx2, f16, "avx2,fma,f16c", |r: *const f16| {
+    _mm256_cvtph_ps(_mm_loadu_si128(r as *const __m128i))
+});
 
 /// Scalar reference: dot product of a little-endian f16 row (`2 * x.len()` bytes) with x.
 pub fn dot_f16_scalar(row: &[u8], x: &[f32]) -> f32 {
@@ -588,48 +704,143 @@ mod tests {
         }
     }
 
-    /// Whole-head attention kernels on every ISA against f64, for f32 and f16 caches, head
-    /// sizes with and without a tail of 32, strided rows as in a KV cache.
+    /// Random attention problems: `rows` query rows (offsets into one q buffer, as query heads
+    /// of several tokens), each with its own number of keys; KV rows strided as in a cache.
+    fn attention_case(
+        rng: &mut Lcg,
+        hd: usize,
+        n_keys: &[usize],
+        stride: usize,
+    ) -> (Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>) {
+        let rows = n_keys.len();
+        let q: Vec<f32> = (0..rows * hd + 3).map(|_| rng.f32()).collect();
+        let q_off: Vec<usize> = (0..rows).map(|r| r * hd + (r % 2) * 3 / 2).collect();
+        let n = n_keys.iter().copied().max().unwrap_or(1);
+        let k: Vec<f32> = (0..n * stride).map(|_| 2.0 * rng.f32()).collect();
+        let v: Vec<f32> = (0..n * stride).map(|_| rng.f32()).collect();
+        (q, q_off, k, v)
+    }
+
+    /// Every ISA against f64 math, for f32 and f16 caches: head sizes with and without tails
+    /// of 16 and 8, 1 to 9 rows with different numbers of keys, strided rows.
     #[test]
-    fn attention_kernels_agree() {
+    fn attention_rows_agree_with_f64() {
         let mut rng = Lcg(12);
-        for (hd, n_keys, stride) in [
-            (128, 1, 128),
-            (128, 37, 640),
-            (64, 5, 80),
-            (40, 9, 41),
-            (7, 3, 7),
-        ] {
-            let q: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
-            let kv: Vec<f32> = (0..n_keys * stride).map(|_| rng.f32()).collect();
-            let p: Vec<f32> = (0..n_keys).map(|_| rng.f32()).collect();
-            check_attention(&q, &kv, &p, stride);
-            let kv16: Vec<f16> = kv.iter().map(|&v| f16::from_f32(v)).collect();
-            check_attention(&q, &kv16, &p, stride);
+        for (hd, stride) in [(128, 640), (64, 80), (40, 41), (24, 24), (13, 20), (7, 7)] {
+            for rows in 1..=9 {
+                let n_keys: Vec<usize> = (0..rows).map(|r| 1 + (r * 7 + hd) % 23).collect();
+                let (q, q_off, k, v) = attention_case(&mut rng, hd, &n_keys, stride);
+                check_attention(hd, &q, &q_off, &n_keys, &k, &v, stride);
+                let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+                let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                check_attention(hd, &q, &q_off, &n_keys, &k16, &v16, stride);
+            }
         }
     }
 
-    fn check_attention<T: KvElem>(q: &[f32], kv: &[T], p: &[f32], stride: usize) {
-        let (hd, n_keys) = (q.len(), p.len());
-        let kv64 = |i: usize| kv[i].to_f32() as f64;
+    fn check_attention<T: KvElem>(
+        hd: usize,
+        q: &[f32],
+        q_off: &[usize],
+        n_keys: &[usize],
+        k: &[T],
+        v: &[T],
+        stride: usize,
+    ) {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let args = AttnArgs {
+            hd,
+            q,
+            q_off,
+            n_keys,
+            keys: k,
+            values: v,
+            stride,
+            scale,
+        };
         for isa in Isa::all_available() {
-            let what = format!("{} {}", isa.name(), std::any::type_name::<T>());
-            let mut scores = vec![0f32; n_keys];
-            attn_scores(isa, q, kv, stride, 0.5, &mut scores);
-            let mut out = vec![f32::NAN; hd];
-            attn_values(isa, p, kv, stride, &mut out);
-            for (j, &sj) in scores.iter().enumerate() {
-                let w: f64 = 0.5
-                    * (0..hd)
-                        .map(|i| q[i] as f64 * kv64(j * stride + i))
-                        .sum::<f64>();
-                assert!((sj as f64 - w).abs() < 1e-5, "{what} scores hd={hd} j={j}");
+            let what = format!("{} {} hd={hd}", isa.name(), std::any::type_name::<T>());
+            let mut out = vec![f32::NAN; n_keys.len() * hd];
+            attention_rows(isa, &args, &mut Vec::new(), &mut out);
+            for (r, &n) in n_keys.iter().enumerate() {
+                let qr = &q[q_off[r]..][..hd];
+                let s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dot: f64 = (0..hd)
+                            .map(|i| qr[i] as f64 * k[j * stride + i].to_f32() as f64)
+                            .sum();
+                        dot * scale as f64
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for i in 0..hd {
+                    let want: f64 = (0..n)
+                        .map(|j| e[j] / z * v[j * stride + i].to_f32() as f64)
+                        .sum();
+                    // Outputs are convex combinations of values in [-1, 1): f32 rounding of a
+                    // few hundred terms stays far below 1e-5.
+                    let got = out[r * hd + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{what} row {r} ({n} keys) out[{i}]: {got} vs {want}"
+                    );
+                }
             }
-            for (i, &oi) in out.iter().enumerate() {
-                let w: f64 = (0..n_keys)
-                    .map(|j| p[j] as f64 * kv64(j * stride + i))
-                    .sum();
-                assert!((oi as f64 - w).abs() < 1e-5, "{what} values hd={hd} i={i}");
+        }
+    }
+
+    /// A row's output is bit-for-bit the same alone or in any group of rows (tiles of four,
+    /// partial tiles, rows with more keys beside it): what keeps batched serving invariant.
+    #[test]
+    fn attention_rows_are_batch_invariant() {
+        let mut rng = Lcg(33);
+        for (hd, stride) in [(128, 640), (40, 48), (13, 13)] {
+            let n_keys = [5, 1, 17, 17, 3, 30, 2, 9, 16];
+            let (q, q_off, k, v) = attention_case(&mut rng, hd, &n_keys, stride);
+            let scale = 0.3;
+            for isa in Isa::all_available() {
+                let call = |rows: &[usize]| {
+                    let q_off: Vec<usize> = rows.iter().map(|&r| q_off[r]).collect();
+                    let nk: Vec<usize> = rows.iter().map(|&r| n_keys[r]).collect();
+                    let args = AttnArgs {
+                        hd,
+                        q: &q,
+                        q_off: &q_off,
+                        n_keys: &nk,
+                        keys: &k[..],
+                        values: &v[..],
+                        stride,
+                        scale,
+                    };
+                    let mut out = vec![0f32; rows.len() * hd];
+                    attention_rows(isa, &args, &mut Vec::new(), &mut out);
+                    out
+                };
+                let all: Vec<usize> = (0..n_keys.len()).collect();
+                let together = call(&all);
+                for r in 0..n_keys.len() {
+                    let alone = call(&[r]);
+                    let want = &together[r * hd..][..hd];
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} hd={hd} row {r} alone differs",
+                        isa.name()
+                    );
+                }
+                let shuffled = [8, 2, 5, 0, 7, 1];
+                let out = call(&shuffled);
+                for (i, &r) in shuffled.iter().enumerate() {
+                    let (got, want) = (&out[i * hd..][..hd], &together[r * hd..][..hd]);
+                    assert!(got
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
             }
         }
     }
