@@ -7,15 +7,20 @@
 //! an open-addressing table of ids (8 bytes a token), and the merges are one sorted array (16
 //! bytes a merge): about 7 MiB in all, built faster.
 //!
-//! The algorithm is the one `tokenizers` runs for these files, step for step (a test compares
-//! the two on the Llama 3 vocabulary and on random text): control and user-defined tokens are
-//! split out first (leftmost-longest), the rest is split with the Llama 3 pre-tokenizer regex,
-//! a piece that is itself a token is that token (`ignore_merges`), and any other piece starts
-//! as one token per byte and repeatedly merges the adjacent pair of lowest rank (leftmost
-//! first).
+//! The algorithm is the one `tokenizers` runs for these files, step for step (tests compare
+//! the two on the Llama 3 vocabulary with random text, and on a vocabulary of odd corners):
+//! control and user-defined tokens are split out first (leftmost-longest), the rest is split
+//! with the Llama 3 pre-tokenizer regex, a piece that is itself a token is that token
+//! (`ignore_merges`), and any other piece starts as one token per byte and repeatedly merges
+//! the adjacent pair of lowest rank (leftmost first). Two deliberate differences, both only
+//! for malformed vocabularies: a merge listed twice keeps its first rank (llama.cpp's rule;
+//! `tokenizers` keeps the last), and a byte that no token stands for is an error naming it
+//! (`tokenizers` drops it silently).
 
 use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
 use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 
@@ -68,20 +73,24 @@ impl TokenTable {
 }
 
 /// Bytes to id: open addressing with linear probing over ids, at most half full. Token bytes
-/// live in the [`TokenTable`]; a repeated string keeps its last id, as in llama.cpp.
+/// live in the [`TokenTable`]; a repeated string keeps its last id, as in llama.cpp. The hash
+/// is keyed at random (SipHash): the vocabulary comes from a file we do not trust, and an
+/// unkeyed hash would let a crafted one pile every token into one probe chain.
 struct TokenIndex {
     slots: Vec<u32>,
+    hasher: RandomState,
 }
 
 impl TokenIndex {
     const EMPTY: u32 = u32::MAX;
 
-    fn new(table: &TokenTable) -> Self {
+    fn new(table: &TokenTable, in_index: impl Fn(u32) -> bool) -> Self {
         let n = table.len();
         let mut index = TokenIndex {
             slots: vec![Self::EMPTY; (2 * n).next_power_of_two().max(2)],
+            hasher: RandomState::new(),
         };
-        for id in 0..n as u32 {
+        for id in (0..n as u32).filter(|&id| in_index(id)) {
             let slot = index.find(table, table.get(id));
             index.slots[slot] = id;
         }
@@ -91,7 +100,7 @@ impl TokenIndex {
     /// The slot holding `bytes`, or the empty slot where they would go.
     fn find(&self, table: &TokenTable, bytes: &[u8]) -> usize {
         let mask = self.slots.len() - 1;
-        let mut slot = hash(bytes) as usize & mask;
+        let mut slot = self.hasher.hash_one(bytes) as usize & mask;
         loop {
             let id = self.slots[slot];
             if id == Self::EMPTY || table.get(id) == bytes {
@@ -105,22 +114,6 @@ impl TokenIndex {
         let id = self.slots[self.find(table, bytes)];
         (id != Self::EMPTY).then_some(id)
     }
-}
-
-/// A fast non-cryptographic hash (FxHash's multiply-rotate over 8-byte words); the keys are the
-/// model's own tokens, so there is nothing to gain from a keyed hash.
-fn hash(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mut h = bytes.len() as u64;
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^ (h >> 29)
 }
 
 /// The encoder's tables. Token bytes live in the [`TokenTable`] passed to each call.
@@ -138,16 +131,20 @@ pub(crate) struct Bpe {
 }
 
 impl Bpe {
+    /// `in_index(id)`: whether BPE can produce token `id` (its text is in the byte-level
+    /// alphabet; `tokenizers` looks tokens up by that text, so no other token is ever reached).
     /// `merges` yields each merge's two halves in rank order, as token texts that `to_bytes`
-    /// turns into raw bytes. `specials` are the ids recognised in text before splitting.
+    /// turns into raw bytes, returning false for a text outside the alphabet (such a merge can
+    /// never apply and is skipped). `specials` are the ids recognised in text before splitting.
     pub fn new<'m>(
         table: &TokenTable,
+        in_index: impl Fn(u32) -> bool,
         merges: impl ExactSizeIterator<Item = (&'m str, &'m str)>,
-        to_bytes: impl Fn(&str, &mut Vec<u8>),
+        to_bytes: impl Fn(&str, &mut Vec<u8>) -> bool,
         specials: &[u32],
         split_regex: &str,
     ) -> std::result::Result<Bpe, BpeError> {
-        let index = TokenIndex::new(table);
+        let index = TokenIndex::new(table, in_index);
         let mut byte_token = [u32::MAX; 256];
         for (b, slot) in byte_token.iter_mut().enumerate() {
             if let Some(id) = index.get(table, &[b as u8]) {
@@ -159,16 +156,19 @@ impl Bpe {
         let (mut left, mut right, mut joined) = (Vec::new(), Vec::new(), Vec::new());
         let mut joined_text = String::new();
         for (rank, (a, b)) in merges.enumerate() {
-            left.clear();
-            to_bytes(a, &mut left);
-            right.clear();
-            to_bytes(b, &mut right);
             // The merged token is looked up by its text, as `tokenizers` does.
             joined_text.clear();
             joined_text.push_str(a);
             joined_text.push_str(b);
+            left.clear();
+            right.clear();
             joined.clear();
-            to_bytes(&joined_text, &mut joined);
+            let in_alphabet = to_bytes(a, &mut left)
+                && to_bytes(b, &mut right)
+                && to_bytes(&joined_text, &mut joined);
+            if !in_alphabet {
+                continue;
+            }
             let part = |p: &[u8], which| index.get(table, p).ok_or(BpeError::Merge(rank, which));
             let (l, r, to) = (part(&left, 0)?, part(&right, 1)?, part(&joined, 2)?);
             pairs.push(((l as u64) << 32 | r as u64, rank as u32, to));
@@ -182,11 +182,15 @@ impl Bpe {
 
         let split = fancy_regex::Regex::new(split_regex)
             .map_err(|e| BpeError::Other(format!("pre-tokenizer regex: {e}")))?;
-        let special_ids: Vec<u32> = specials
+        // One pattern per text; a text that several special tokens share means the last of
+        // them, as a repeated vocabulary string does.
+        let mut special_ids: Vec<u32> = specials
             .iter()
             .copied()
             .filter(|&id| !table.get(id).is_empty())
             .collect();
+        special_ids.sort_by(|&a, &b| table.get(a).cmp(table.get(b)).then(b.cmp(&a)));
+        special_ids.dedup_by(|a, b| table.get(*a) == table.get(*b));
         let specials = if special_ids.is_empty() {
             None
         } else {
@@ -353,6 +357,11 @@ struct MergeScratch {
 mod tests {
     use super::*;
 
+    fn raw(t: &str, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(t.as_bytes());
+        true
+    }
+
     /// The textbook BPE loop: merge the lowest-ranked adjacent pair (leftmost of equal ranks)
     /// until none is left. Quadratic, obviously right.
     fn naive(table: &TokenTable, merges: &[(String, String)], piece: &[u8]) -> Vec<u32> {
@@ -410,8 +419,7 @@ mod tests {
                     .unwrap();
             }
             let pairs = merges.iter().map(|(a, b)| (a.as_str(), b.as_str()));
-            let to_bytes = |t: &str, out: &mut Vec<u8>| out.extend_from_slice(t.as_bytes());
-            let Ok(bpe) = Bpe::new(&table, pairs, to_bytes, &[], r"[\s\S]+") else {
+            let Ok(bpe) = Bpe::new(&table, |_| true, pairs, raw, &[], r"[\s\S]+") else {
                 panic!("vocabulary {words:?}");
             };
             for _ in 0..50 {
@@ -436,11 +444,10 @@ mod tests {
                 .push_with(|out| out.extend_from_slice(w.as_bytes()))
                 .unwrap();
         }
-        let to_bytes = |t: &str, out: &mut Vec<u8>| out.extend_from_slice(t.as_bytes());
-        let merge = |a, b| Bpe::new(&table, [(a, b)].into_iter(), to_bytes, &[], ".");
+        let merge = |a, b| Bpe::new(&table, |_| true, [(a, b)].into_iter(), raw, &[], ".");
         assert!(matches!(merge("a", "x"), Err(BpeError::Merge(0, 1))));
         assert!(matches!(merge("a", "b"), Err(BpeError::Merge(0, 2))));
-        let Ok(bpe) = Bpe::new(&table, std::iter::empty(), to_bytes, &[1], ".") else {
+        let Ok(bpe) = Bpe::new(&table, |_| true, std::iter::empty(), raw, &[1], ".") else {
             panic!()
         };
         let mut out = Vec::new();

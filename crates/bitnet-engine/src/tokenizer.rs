@@ -100,8 +100,9 @@ fn unicode_to_byte_table() -> [i16; 324] {
 }
 
 /// The raw bytes of a byte-level BPE token string. Like the `tokenizers` ByteLevel decoder, a
-/// token with a char outside the GPT-2 byte alphabet is kept as its UTF-8 text.
-fn byte_level_bytes(table: &[i16; 324], s: &str, out: &mut Vec<u8>) {
+/// token with a char outside the GPT-2 byte alphabet is kept as its UTF-8 text; returns
+/// whether every char was in the alphabet.
+fn byte_level_bytes(table: &[i16; 324], s: &str, out: &mut Vec<u8>) -> bool {
     let start = out.len();
     for c in s.chars() {
         match table.get(c as usize) {
@@ -109,10 +110,11 @@ fn byte_level_bytes(table: &[i16; 324], s: &str, out: &mut Vec<u8>) {
             _ => {
                 out.truncate(start);
                 out.extend_from_slice(s.as_bytes());
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 /// The raw bytes of a SentencePiece-style token (`<0xAB>` byte tokens, `▁` for space), used for
@@ -298,15 +300,20 @@ impl Tokenizer {
             }
         }
 
+        // `in_alphabet[i]`: BPE can reach token i, because its text is in the byte-level
+        // alphabet and its bytes are what that text stands for (a control token's text is
+        // kept raw, so only printable ASCII, which stands for itself, qualifies).
         let table = unicode_to_byte_table();
         let mut token_table = TokenTable::with_capacity(n);
+        let mut in_alphabet = vec![false; n];
         for (i, t) in tokens.iter().enumerate() {
             token_table.push_with(|out| {
-                if text_is_raw[i] {
+                in_alphabet[i] = if text_is_raw[i] {
                     out.extend_from_slice(t.as_bytes());
+                    t.bytes().all(|b| (33..=126).contains(&b))
                 } else {
-                    byte_level_bytes(&table, t, out);
-                }
+                    byte_level_bytes(&table, t, out)
+                };
             })?;
         }
         token_table.shrink_to_fit();
@@ -323,6 +330,7 @@ impl Tokenizer {
         }
         let bpe = Bpe::new(
             &token_table,
+            |id| in_alphabet[id as usize],
             halves.iter().copied(),
             |t, out| byte_level_bytes(&table, t, out),
             &added,
@@ -343,7 +351,7 @@ impl Tokenizer {
             }
             BpeError::Other(msg) => Error::new(msg),
         })?;
-        drop(halves);
+        drop((halves, in_alphabet));
 
         let mut tok = Tokenizer {
             encoder: Encoder::Gguf(Box::new(bpe)),
@@ -564,11 +572,20 @@ impl Tokenizer {
     pub fn token_id(&self, text: &str) -> Option<u32> {
         match &self.encoder {
             Encoder::Gguf(bpe) => {
-                // GGUF keys are token bytes: a control token's text is its bytes, an ordinary
-                // token's text is decoded from the byte-level alphabet first.
+                // The index holds the tokens BPE can reach, by the bytes their byte-level text
+                // stands for; any other token (a control token with a space, say) is found by
+                // its raw text, the last of equal ones as in the vocabulary.
                 let mut bytes = Vec::with_capacity(text.len());
-                byte_level_bytes(&unicode_to_byte_table(), text, &mut bytes);
-                bpe.token_id(&self.tokens, &bytes)
+                let found = match byte_level_bytes(&unicode_to_byte_table(), text, &mut bytes) {
+                    true => bpe.token_id(&self.tokens, &bytes),
+                    false => None,
+                };
+                found.or_else(|| {
+                    let n = self.tokens.len() as u32;
+                    (0..n)
+                        .rev()
+                        .find(|&id| self.tokens.get(id) == text.as_bytes())
+                })
             }
             Encoder::Json(hf) => hf.token_to_id(text),
         }
@@ -1130,6 +1147,72 @@ mod tests {
         }
         s.push_str(&sd.flush());
         assert_eq!(s, text);
+    }
+
+    /// A vocabulary with the corners a converted file can have, against the `tokenizers`
+    /// pipeline built from the same metadata: a normal token outside the byte-level alphabet
+    /// ("日", a raw "\n"), which BPE never reaches; two control tokens with the same text (the
+    /// last id wins); a control token with a space; merges through those corners.
+    #[test]
+    fn quirky_vocab_matches_tokenizers_crate() {
+        let table = unicode_to_byte_table();
+        let mut alphabet = vec![String::new(); 256];
+        for (c, &b) in table.iter().enumerate() {
+            if b >= 0 {
+                alphabet[b as usize] = char::from_u32(c as u32).unwrap().to_string();
+            }
+        }
+        let mut tokens = alphabet.clone();
+        let mut types = vec![1i32; 256];
+        let mut add = |t: &str, ty: i32| {
+            tokens.push(t.to_string());
+            types.push(ty);
+        };
+        add("日", 1);
+        add("\n", 1);
+        add("<x>", 3);
+        add("<x>", 3);
+        add("<a b>", 3);
+        add("ab", 1);
+        add("abc", 1);
+        add("ĠĠ", 1);
+        add("本", 1);
+        add("日本", 1);
+        let merges = ["a b", "ab c", "Ġ Ġ", "日 本"];
+        let mut w = GgufWriter::default();
+        let md = &mut w.metadata;
+        md.push(("tokenizer.ggml.model".into(), MetaValue::Str("gpt2".into())));
+        let strs = |v: Vec<String>| MetaValue::Array(v.into_iter().map(MetaValue::Str).collect());
+        md.push(("tokenizer.ggml.tokens".into(), strs(tokens)));
+        let types = types.into_iter().map(MetaValue::I32).collect();
+        md.push(("tokenizer.ggml.token_type".into(), MetaValue::Array(types)));
+        let merges = merges.iter().map(|m| m.to_string()).collect();
+        md.push(("tokenizer.ggml.merges".into(), strs(merges)));
+        let dir = temp_dir("quirky");
+        let path = dir.join("quirky.gguf");
+        std::fs::write(&path, w.to_bytes()).unwrap();
+        let ours = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        let hf = hf_from_gguf(&path);
+        for text in [
+            "日",
+            "日本",
+            "a\nb",
+            "\n",
+            "<x>",
+            "a<x>b<x>",
+            "<a b>",
+            "x <a b> y",
+            "abc abcab",
+            "    ",
+            "日本語 <x><x> abc\n\n  ab",
+        ] {
+            let want = hf.encode_fast(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ours.encode(text, false).unwrap(), want, "{text:?}");
+        }
+        assert_eq!(ours.token_id("<x>"), Some(259));
+        assert_eq!(ours.token_id("<a b>"), Some(260));
+        assert_eq!(ours.token_id("ĠĠ"), Some(263));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     // ---- tokenizer.json + tokenizer_config.json ----

@@ -76,14 +76,21 @@ pub fn attention_rows<T: KvElem>(
 ) {
     let (hd, rows) = (a.hd, a.n_keys.len());
     let max_keys = a.n_keys.iter().copied().max().unwrap_or(0);
+    // Checked arithmetic: the SIMD code relies on these bounds.
+    let fits =
+        |start: Option<usize>, len: usize| start.and_then(|s| s.checked_add(hd)) <= Some(len);
     assert_eq!(a.q_off.len(), rows);
-    assert!(out.len() >= rows * hd);
-    assert!(a.q_off.iter().all(|&o| o + hd <= a.q.len()));
+    assert!(rows.checked_mul(hd).is_some_and(|n| n <= out.len()));
+    assert!(a.q_off.iter().all(|&o| fits(Some(o), a.q.len())));
     assert!(a.n_keys.iter().all(|&n| n >= 1));
     if let Some(j) = max_keys.checked_sub(1) {
-        assert!(a.keys.len() >= j * a.stride + hd && a.values.len() >= j * a.stride + hd);
+        let last = j.checked_mul(a.stride);
+        assert!(fits(last, a.keys.len()) && fits(last, a.values.len()));
     }
-    scores.resize(rows * max_keys, 0.0);
+    let Some(n_scores) = rows.checked_mul(max_keys) else {
+        panic!("attention_rows: {rows} rows x {max_keys} keys overflow")
+    };
+    scores.resize(n_scores, 0.0);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if has_f16c() => unsafe { T::rows_avx2(a, scores, out) },
@@ -220,21 +227,25 @@ macro_rules! attn_rows_avx2 {
                 }
             }
 
-            /// `out_r = sum_j p_r[j] value_j` for `R` rows over values `0..n`, each value
-            /// chunk loaded once for all rows; 16 outputs at a time, then 8, then one by one.
+            /// `out_r = sum_j p_r[j] value_j` for `R` rows, row r over values `0..n[r]`; each
+            /// value chunk is loaded once for all rows, 16 outputs at a time, then 8, then one
+            /// by one. A row never touches a value past its own keys (a masked-out value may be
+            /// inf, and 0 * inf would poison the sum), and its sum runs in the same order
+            /// whatever rows share the tile.
             #[inline]
             #[target_feature(enable = $features)]
             unsafe fn value_rows<const R: usize>(
                 a: &AttnArgs<$t>,
                 p: [*const f32; R],
-                n: usize,
+                n: [usize; R],
                 out: [*mut f32; R],
             ) {
                 let (hd, v) = (a.hd, a.values.as_ptr());
+                let shared = n.iter().copied().min().unwrap_or(0);
                 let mut c = 0;
                 while c + 16 <= hd {
                     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                    for j in 0..n {
+                    for j in 0..shared {
                         let row = v.add(j * a.stride + c);
                         let (v0, v1) = (load8(row), load8(row.add(8)));
                         for (r, acc) in acc.iter_mut().enumerate() {
@@ -243,29 +254,33 @@ macro_rules! attn_rows_avx2 {
                             acc[1] = _mm256_fmadd_ps(w, v1, acc[1]);
                         }
                     }
-                    for (r, acc) in acc.iter().enumerate() {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        for j in shared..n[r] {
+                            let row = v.add(j * a.stride + c);
+                            let w = _mm256_broadcast_ss(&*p[r].add(j));
+                            acc[0] = _mm256_fmadd_ps(w, load8(row), acc[0]);
+                            acc[1] = _mm256_fmadd_ps(w, load8(row.add(8)), acc[1]);
+                        }
                         _mm256_storeu_ps(out[r].add(c), acc[0]);
                         _mm256_storeu_ps(out[r].add(c + 8), acc[1]);
                     }
                     c += 16;
                 }
                 if c + 8 <= hd {
-                    let mut acc = [_mm256_setzero_ps(); R];
-                    for j in 0..n {
-                        let v0 = load8(v.add(j * a.stride + c));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*p[r].add(j)), v0, *acc);
+                    for r in 0..R {
+                        let mut acc = _mm256_setzero_ps();
+                        for j in 0..n[r] {
+                            let w = _mm256_broadcast_ss(&*p[r].add(j));
+                            acc = _mm256_fmadd_ps(w, load8(v.add(j * a.stride + c)), acc);
                         }
-                    }
-                    for (r, acc) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(out[r].add(c), *acc);
+                        _mm256_storeu_ps(out[r].add(c), acc);
                     }
                     c += 8;
                 }
                 for e in c..hd {
                     for r in 0..R {
                         let mut o = 0f32;
-                        for j in 0..n {
+                        for j in 0..n[r] {
                             o += *p[r].add(j) * KvElem::to_f32(*v.add(j * a.stride + e));
                         }
                         *out[r].add(e) = o;
@@ -273,8 +288,8 @@ macro_rules! attn_rows_avx2 {
                 }
             }
 
-            /// One tile: scores, softmax over each row's own keys (zeros after them, up to
-            /// the tile's longest row), values.
+            /// One tile: scores (up to the tile's longest row; a row's scores past its own
+            /// keys are never read), softmax over each row's own keys, values.
             #[inline]
             #[target_feature(enable = $features)]
             unsafe fn tile<const R: usize>(
@@ -291,15 +306,13 @@ macro_rules! attn_rows_avx2 {
                 let s_rows: [*mut f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
                 score_rows::<R>(a, q, n, s_rows);
                 for (i, &ni) in n_keys.iter().enumerate() {
-                    let row = &mut scores[(r0 + i) * ld..][..n];
-                    softmax(&mut row[..ni]);
-                    row[ni..].fill(0.0);
+                    softmax(&mut scores[(r0 + i) * ld..][..ni]);
                 }
                 let sp = scores.as_ptr();
                 let p: [*const f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
                 let op = out.as_mut_ptr();
                 let o: [*mut f32; R] = std::array::from_fn(|i| op.add((r0 + i) * a.hd));
-                value_rows::<R>(a, p, n, o);
+                value_rows::<R>(a, p, std::array::from_fn(|i| n_keys[i]), o);
             }
 
             /// [`super::attention_rows`] on AVX2: the arguments are checked there.
@@ -791,6 +804,39 @@ mod tests {
         }
     }
 
+    /// Runs the rows `pick` (indices into `q_off` / `n_keys`) in one call; their outputs in order.
+    #[allow(clippy::too_many_arguments)]
+    fn run_rows<T: KvElem>(
+        isa: Isa,
+        hd: usize,
+        q: &[f32],
+        q_off: &[usize],
+        n_keys: &[usize],
+        (keys, values, stride): (&[T], &[T], usize),
+        pick: &[usize],
+    ) -> Vec<f32> {
+        let q_off: Vec<usize> = pick.iter().map(|&r| q_off[r]).collect();
+        let n_keys: Vec<usize> = pick.iter().map(|&r| n_keys[r]).collect();
+        let (q_off, n_keys) = (&q_off[..], &n_keys[..]);
+        let args = AttnArgs {
+            hd,
+            q,
+            q_off,
+            n_keys,
+            keys,
+            values,
+            stride,
+            scale: 0.3,
+        };
+        let mut out = vec![0f32; pick.len() * hd];
+        attention_rows(isa, &args, &mut Vec::new(), &mut out);
+        out
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// A row's output is bit-for-bit the same alone or in any group of rows (tiles of four,
     /// partial tiles, rows with more keys beside it): what keeps batched serving invariant.
     #[test]
@@ -799,47 +845,53 @@ mod tests {
         for (hd, stride) in [(128, 640), (40, 48), (13, 13)] {
             let n_keys = [5, 1, 17, 17, 3, 30, 2, 9, 16];
             let (q, q_off, k, v) = attention_case(&mut rng, hd, &n_keys, stride);
-            let scale = 0.3;
             for isa in Isa::all_available() {
-                let call = |rows: &[usize]| {
-                    let q_off: Vec<usize> = rows.iter().map(|&r| q_off[r]).collect();
-                    let nk: Vec<usize> = rows.iter().map(|&r| n_keys[r]).collect();
-                    let args = AttnArgs {
-                        hd,
-                        q: &q,
-                        q_off: &q_off,
-                        n_keys: &nk,
-                        keys: &k[..],
-                        values: &v[..],
-                        stride,
-                        scale,
-                    };
-                    let mut out = vec![0f32; rows.len() * hd];
-                    attention_rows(isa, &args, &mut Vec::new(), &mut out);
-                    out
+                let run = |pick: &[usize]| {
+                    run_rows(isa, hd, &q, &q_off, &n_keys, (&k[..], &v[..], stride), pick)
                 };
                 let all: Vec<usize> = (0..n_keys.len()).collect();
-                let together = call(&all);
+                let together = run(&all);
                 for r in 0..n_keys.len() {
-                    let alone = call(&[r]);
                     let want = &together[r * hd..][..hd];
                     assert!(
-                        alone
-                            .iter()
-                            .zip(want)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{} hd={hd} row {r} alone differs",
+                        same_bits(&run(&[r]), want),
+                        "{} hd={hd} row {r}",
                         isa.name()
                     );
                 }
                 let shuffled = [8, 2, 5, 0, 7, 1];
-                let out = call(&shuffled);
+                let out = run(&shuffled);
                 for (i, &r) in shuffled.iter().enumerate() {
-                    let (got, want) = (&out[i * hd..][..hd], &together[r * hd..][..hd]);
-                    assert!(got
-                        .iter()
-                        .zip(want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert!(same_bits(&out[i * hd..][..hd], &together[r * hd..][..hd]));
+                }
+            }
+        }
+    }
+
+    /// Keys and values past a row's own keys are never read: with inf in them (a later token's
+    /// f16 cache entry that overflowed), the rows that do not see them are exact and finite.
+    #[test]
+    fn attention_rows_never_read_past_a_rows_keys() {
+        let mut rng = Lcg(9);
+        for (hd, stride) in [(128, 128), (24, 30), (13, 13)] {
+            let n_keys = [2, 5, 2, 5, 1, 2];
+            let (q, q_off, k, v) = attention_case(&mut rng, hd, &n_keys, stride);
+            let (mut k_inf, mut v_inf) = (k.clone(), v.clone());
+            k_inf[2 * stride..].fill(f32::INFINITY);
+            v_inf[2 * stride..].fill(f32::INFINITY);
+            let all: Vec<usize> = (0..n_keys.len()).collect();
+            for isa in Isa::all_available() {
+                let clean = run_rows(isa, hd, &q, &q_off, &n_keys, (&k[..], &v[..], stride), &all);
+                let inf = (&k_inf[..], &v_inf[..], stride);
+                let out = run_rows(isa, hd, &q, &q_off, &n_keys, inf, &all);
+                for r in [0, 2, 4, 5] {
+                    let row = &out[r * hd..][..hd];
+                    assert!(row.iter().all(|x| x.is_finite()), "{} row {r}", isa.name());
+                    assert!(
+                        same_bits(row, &clean[r * hd..][..hd]),
+                        "{} row {r}",
+                        isa.name()
+                    );
                 }
             }
         }
