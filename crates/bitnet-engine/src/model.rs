@@ -25,7 +25,7 @@ use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Error, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
-use bitnet_kernels::float::{attention_rows, rms_norm, AttnArgs, KvElem};
+use bitnet_kernels::float::{attention_rows, rms_norm, rms_norm_in_place, AttnArgs, KvElem};
 use bitnet_kernels::quant::quantize_row;
 use bitnet_kernels::ternary::{self, padded_len};
 use bitnet_kernels::{pool, Isa, SyncPtr};
@@ -363,14 +363,10 @@ impl Model {
 
         for (l, w) in self.weights.layers.iter().enumerate() {
             // Attention.
-            for t in 0..nt {
-                rms_norm(
-                    &sc.x[t * e..(t + 1) * e],
-                    &w.attn_norm,
-                    c.rms_eps,
-                    &mut sc.xn[t * e..(t + 1) * e],
-                );
-            }
+            let x = &sc.x;
+            par_token_rows(&mut sc.xn, nt, e, |t, xn| {
+                rms_norm(&x[t * e..(t + 1) * e], &w.attn_norm, c.rms_eps, xn)
+            });
             sc.acts.quantize(&sc.xn, nt, e);
             self.bitlinear(&w.wq, &sc.acts, &mut sc.q);
             self.bitlinear(&w.wk, &sc.acts, &mut sc.k);
@@ -419,11 +415,9 @@ impl Model {
                 }
             }
             if let Some(norm) = &w.attn_sub_norm {
-                for t in 0..nt {
-                    let a = &mut sc.att[t * q_dim..(t + 1) * q_dim];
-                    sc.tmp[..q_dim].copy_from_slice(a);
-                    rms_norm(&sc.tmp[..q_dim], norm, c.rms_eps, a);
-                }
+                par_token_rows(&mut sc.att, nt, q_dim, |_, a| {
+                    rms_norm_in_place(a, norm, c.rms_eps)
+                });
             }
             sc.acts.quantize(&sc.att, nt, q_dim);
             self.bitlinear(&w.wo, &sc.acts, &mut sc.xn);
@@ -433,34 +427,29 @@ impl Model {
                 .for_each(|(x, o)| *x += o);
 
             // Feed-forward.
-            for t in 0..nt {
-                rms_norm(
-                    &sc.x[t * e..(t + 1) * e],
-                    &w.ffn_norm,
-                    c.rms_eps,
-                    &mut sc.xn[t * e..(t + 1) * e],
-                );
-            }
+            let x = &sc.x;
+            par_token_rows(&mut sc.xn, nt, e, |t, xn| {
+                rms_norm(&x[t * e..(t + 1) * e], &w.ffn_norm, c.rms_eps, xn)
+            });
             sc.acts.quantize(&sc.xn, nt, e);
             self.bitlinear(&w.w_gate, &sc.acts, &mut sc.gate);
             self.bitlinear(&w.w_up, &sc.acts, &mut sc.up);
-            let f = c.n_ff;
-            for (g, u) in sc.gate[..nt * f].iter_mut().zip(&sc.up) {
-                *g = match c.activation {
-                    Activation::Relu2 => {
-                        let r = g.max(0.0);
-                        r * r * u
-                    }
-                    Activation::Silu => *g / (1.0 + (-*g).exp()) * u,
-                };
-            }
-            if let Some(norm) = &w.ffn_sub_norm {
-                for t in 0..nt {
-                    let g = &mut sc.gate[t * f..(t + 1) * f];
-                    sc.up[t * f..(t + 1) * f].copy_from_slice(g);
-                    rms_norm(&sc.up[t * f..(t + 1) * f], norm, c.rms_eps, g);
+            let (f, up) = (c.n_ff, &sc.up);
+            // The gated activation, then the sub-norm, token by token.
+            par_token_rows(&mut sc.gate, nt, f, |t, gate| {
+                for (g, u) in gate.iter_mut().zip(&up[t * f..(t + 1) * f]) {
+                    *g = match c.activation {
+                        Activation::Relu2 => {
+                            let r = g.max(0.0);
+                            r * r * u
+                        }
+                        Activation::Silu => *g / (1.0 + (-*g).exp()) * u,
+                    };
                 }
-            }
+                if let Some(norm) = &w.ffn_sub_norm {
+                    rms_norm_in_place(gate, norm, c.rms_eps);
+                }
+            });
             sc.acts.quantize(&sc.gate, nt, f);
             self.bitlinear(&w.w_down, &sc.acts, &mut sc.xn);
             sc.x[..nt * e]
@@ -693,22 +682,51 @@ struct QuantizedActs {
 }
 
 impl QuantizedActs {
+    /// Tokens split across the pool's threads when there are several.
     fn quantize(&mut self, x: &[f32], nt: usize, cols: usize) {
         let kp = padded_len(cols);
         self.q.resize(nt * kp, 0);
         self.scale.resize(nt, 0.0);
         self.sum.resize(nt, 0);
-        for t in 0..nt {
-            let (s, sum) = quantize_row(
-                &x[t * cols..(t + 1) * cols],
-                &mut self.q[t * kp..(t + 1) * kp],
-            );
-            self.scale[t] = s;
-            self.sum[t] = sum;
-        }
+        let (scale, sum) = (
+            SyncPtr(self.scale.as_mut_ptr()),
+            SyncPtr(self.sum.as_mut_ptr()),
+        );
+        par_token_rows(&mut self.q, nt, kp, |t, q| {
+            let (s, total) = quantize_row(&x[t * cols..(t + 1) * cols], q);
+            // SAFETY: token t's scale and sum are written by this call only.
+            unsafe {
+                *scale.get().add(t) = s;
+                *sum.get().add(t) = total;
+            }
+        });
         self.n_tok = nt;
         self.kp = kp;
     }
+}
+
+/// `f(t, row)` for the rows of tokens `0..nt` of `buf` (`width` values each), tokens split
+/// across the pool's threads when there are enough of them to pay for it. Each token's work
+/// is the same however the tokens are split.
+fn par_token_rows<T: Send>(
+    buf: &mut [T],
+    nt: usize,
+    width: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    /// Tokens per part at least: one token's norm or quantization is a few microseconds.
+    const MIN_TOKENS: usize = 4;
+    assert!(buf.len() >= nt * width);
+    // An address, so the closure is Sync whatever T is.
+    let base = buf.as_mut_ptr() as usize;
+    pool::for_ranges(nt, 1, MIN_TOKENS, |tokens| {
+        for t in tokens {
+            // SAFETY: the ranges are disjoint, so each token's row is lent to one call.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(t * width), width) };
+            f(t, row);
+        }
+    });
 }
 
 /// Work buffers of a forward pass, grown on first use and then reused (no allocation per token).
@@ -720,7 +738,6 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
-    tmp: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     cos: Vec<f32>,
@@ -743,7 +760,6 @@ impl Scratch {
         grow(&mut self.k, nt * c.kv_dim());
         grow(&mut self.v, nt * c.kv_dim());
         grow(&mut self.att, nt * c.q_dim());
-        grow(&mut self.tmp, c.q_dim().max(c.n_embd));
         grow(&mut self.gate, nt * c.n_ff);
         grow(&mut self.up, nt * c.n_ff);
         grow(&mut self.cos, nt * c.head_dim / 2);

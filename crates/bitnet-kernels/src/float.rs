@@ -580,11 +580,23 @@ where
 
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`, in f32 (the mean accumulated in f64).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64) as f32;
-    let r = 1.0 / (ms + eps).sqrt();
+    let r = inv_rms(x, eps);
     for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
         *o = xi * r * wi;
     }
+}
+
+/// [`rms_norm`] with the output over its input (the same values, without a copy).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let r = inv_rms(x, eps);
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi = *xi * r * wi;
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64) as f32;
+    1.0 / (ms + eps).sqrt()
 }
 
 /// In-place softmax (max-subtracted).
