@@ -143,7 +143,7 @@ macro_rules! attn_rows_avx2 {
     ($module:ident, $t:ty, $features:literal, $load:expr) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
-            use super::{softmax, AttnArgs, KvElem};
+            use super::{softmax_avx2, AttnArgs, KvElem};
             #[allow(unused_imports)]
             use half::f16;
             use std::arch::x86_64::*;
@@ -306,7 +306,7 @@ macro_rules! attn_rows_avx2 {
                 let s_rows: [*mut f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
                 score_rows::<R>(a, q, n, s_rows);
                 for (i, &ni) in n_keys.iter().enumerate() {
-                    softmax(&mut scores[(r0 + i) * ld..][..ni]);
+                    softmax_avx2(&mut scores[(r0 + i) * ld..][..ni]);
                 }
                 let sp = scores.as_ptr();
                 let p: [*const f32; R] = std::array::from_fn(|i| sp.add((r0 + i) * ld));
@@ -597,6 +597,63 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ms = (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64) as f32;
     1.0 / (ms + eps).sqrt()
+}
+
+/// `exp(x)` of eight values at once, for x <= 0 (softmax after subtracting the maximum):
+/// Cephes' `expf` (2^n times a degree-6 polynomial on |r| <= ln2/2, within 2 ulp); x below
+/// -87.3 gives 0, as the true value is below f32's normal range.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_nonpositive_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        _mm256_mul_ps(p, r),
+        r,
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+    _mm256_andnot_ps(underflow, e)
+}
+
+/// [`softmax`] with the exponentials eight at a time (the tail with `f32::exp`); used by the
+/// AVX2 attention kernel, the same way for every row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let (mv, n8) = (_mm256_set1_ps(m), x.len() / 8 * 8);
+    let mut acc = _mm256_setzero_ps();
+    for c in x[..n8].chunks_exact_mut(8) {
+        let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut sum: f32 = lanes.iter().sum();
+    for v in &mut x[n8..] {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// In-place softmax (max-subtracted).
@@ -921,6 +978,48 @@ mod tests {
         par_rows(37, 2, 2, &x, &mut out, |r, xt| r as f32 * xt[0] + xt[1]);
         assert_eq!(out[5], 5.0 + 2.0);
         assert_eq!(out[37 + 5], 15.0 + 4.0);
+    }
+
+    /// The vector exp against f64 over softmax's whole input range: within 3 ulp where the
+    /// result is a normal f32 above 1.3e-38; near and below f32's smallest normal (1.18e-38,
+    /// the cut at x = -87.3) either that tiny value or 0.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_avx2_is_within_a_few_ulp() {
+        if !has_f16c() {
+            return; // no AVX2 + FMA: the scalar softmax is used
+        }
+        let mut x: Vec<f32> = (0..200_000).map(|i| -(i as f32) * 5e-4).collect();
+        x.extend([
+            0.0,
+            -0.0,
+            -1e-30,
+            -87.0,
+            -87.3,
+            -88.0,
+            -103.0,
+            -1e4,
+            f32::NEG_INFINITY,
+        ]);
+        for c in x.chunks(8) {
+            let mut lane = [0f32; 8];
+            lane[..c.len()].copy_from_slice(c);
+            let mut got = [0f32; 8];
+            unsafe {
+                use std::arch::x86_64::*;
+                let e = exp_nonpositive_avx2(_mm256_loadu_ps(lane.as_ptr()));
+                _mm256_storeu_ps(got.as_mut_ptr(), e);
+            }
+            for (&xi, &g) in lane.iter().zip(&got).take(c.len()) {
+                let want = (xi as f64).exp();
+                if want < 1.3e-38 {
+                    assert!(g < 1.3e-38, "exp({xi}) = {g}");
+                } else {
+                    let ulp = (want as f32).to_bits().abs_diff(g.to_bits());
+                    assert!(ulp <= 3, "exp({xi}) = {g}, want {want} ({ulp} ulp)");
+                }
+            }
+        }
     }
 
     #[test]
