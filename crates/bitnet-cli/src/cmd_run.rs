@@ -113,10 +113,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         },
     )?;
     if write_failed.is_none() {
-        let (text, stopped) = stops.push(&dec.flush());
-        let rest = if stopped {
-            text
+        // Nothing follows a stop string; otherwise release what was held back for one.
+        let rest = if stops.stopped() {
+            String::new()
         } else {
+            let (text, _) = stops.push(&dec.flush());
             text + &stops.finish()
         };
         let _ = writeln!(out, "{rest}");

@@ -32,7 +32,7 @@ pub struct ServeArgs {
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Default max_tokens for requests that give none (default: until the slot's context is full).
-    #[arg(short = 'n', long = "n-predict")]
+    #[arg(short = 'n', long = "n-predict", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub n_predict: Option<usize>,
     /// Requests that may wait for a free slot; more get 503.
     #[arg(long = "queue-size", default_value_t = 64)]

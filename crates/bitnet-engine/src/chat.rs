@@ -114,6 +114,7 @@ pub struct StopStrings {
     stops: Vec<String>,
     text: String,
     released: usize,
+    stopped: bool,
 }
 
 impl StopStrings {
@@ -122,6 +123,7 @@ impl StopStrings {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             text: String::new(),
             released: 0,
+            stopped: false,
         }
     }
 
@@ -145,6 +147,7 @@ impl StopStrings {
             let out = self.text[self.released.min(pos)..pos].to_string();
             self.text.truncate(pos);
             self.released = pos;
+            self.stopped = true;
             return (out, true);
         }
         // Hold back the longest suffix that is a prefix of some stop string.
@@ -171,6 +174,11 @@ impl StopStrings {
         let out = self.text[self.released..].to_string();
         self.released = self.text.len();
         out
+    }
+
+    /// Whether a stop string has been found (the answer ends there).
+    pub fn stopped(&self) -> bool {
+        self.stopped
     }
 
     /// The answer so far, without any stop string.

@@ -25,7 +25,9 @@ use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Error, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
-use bitnet_kernels::float::{attention_rows, rms_norm, rms_norm_in_place, AttnArgs, KvElem};
+use bitnet_kernels::float::{
+    attention_rows, par_token_rows, rms_norm, rms_norm_in_place, AttnArgs, KvElem,
+};
 use bitnet_kernels::quant::quantize_row;
 use bitnet_kernels::ternary::{self, padded_len};
 use bitnet_kernels::{pool, Isa, SyncPtr};
@@ -703,30 +705,6 @@ impl QuantizedActs {
         self.n_tok = nt;
         self.kp = kp;
     }
-}
-
-/// `f(t, row)` for the rows of tokens `0..nt` of `buf` (`width` values each), tokens split
-/// across the pool's threads when there are enough of them to pay for it. Each token's work
-/// is the same however the tokens are split.
-fn par_token_rows<T: Send>(
-    buf: &mut [T],
-    nt: usize,
-    width: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    /// Tokens per part at least: one token's norm or quantization is a few microseconds.
-    const MIN_TOKENS: usize = 4;
-    assert!(buf.len() >= nt * width);
-    // An address, so the closure is Sync whatever T is.
-    let base = buf.as_mut_ptr() as usize;
-    pool::for_ranges(nt, 1, MIN_TOKENS, |tokens| {
-        for t in tokens {
-            // SAFETY: the ranges are disjoint, so each token's row is lent to one call.
-            let row =
-                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(t * width), width) };
-            f(t, row);
-        }
-    });
 }
 
 /// Work buffers of a forward pass, grown on first use and then reused (no allocation per token).

@@ -54,6 +54,10 @@ pub enum Event {
 
 pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 
+/// Whether the caller has gone (a client that disconnected): asked while a request waits in
+/// the queue and before each of its prompt chunks, when no event is sent that could tell.
+pub type GoneProbe = Box<dyn Fn() -> bool + Send>;
+
 pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
@@ -63,6 +67,7 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Receives the events; returns false to cancel.
     pub sink: Sink,
+    pub gone: GoneProbe,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +105,8 @@ struct Shared {
     wake: Condvar,
     max_queue: usize,
     stopping: AtomicBool,
+    /// Stop now: running requests are dropped (their callers see a closed stream).
+    aborting: AtomicBool,
     metrics: Metrics,
 }
 
@@ -123,6 +130,7 @@ struct Active {
     dec: StreamDecoder,
     stops: StopStrings,
     sink: Sink,
+    gone: GoneProbe,
 }
 
 struct Slot {
@@ -144,6 +152,7 @@ impl Scheduler {
             wake: Condvar::new(),
             max_queue,
             stopping: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
             metrics: Metrics::default(),
         });
         let sh = shared.clone();
@@ -196,6 +205,19 @@ impl Scheduler {
     /// Stop accepting requests, let the running ones finish (queued ones are dropped, which
     /// their callers see as a cancelled stream), and wait for the thread.
     pub fn shutdown(&self) {
+        self.stop(false)
+    }
+
+    /// [`shutdown`](Self::shutdown), but running requests are dropped too, at the end of the
+    /// current step: for when a grace period is over.
+    pub fn abort(&self) {
+        self.stop(true)
+    }
+
+    fn stop(&self, abort: bool) {
+        if abort {
+            self.shared.aborting.store(true, Ordering::SeqCst);
+        }
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.queue.lock().unwrap().clear();
         self.shared.wake.notify_all();
@@ -217,9 +239,23 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
     let mut ws = Workspace::default();
     let m = &sh.metrics;
     loop {
+        if sh.aborting.load(Ordering::SeqCst) {
+            for slot in &mut slots {
+                if slot.active.take().is_some() {
+                    m.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            m.active_slots.store(0, Ordering::SeqCst);
+            return;
+        }
         // Admit queued requests into free slots (or sleep when there is nothing to do).
         {
             let mut q = sh.queue.lock().unwrap();
+            // Requests whose callers left while waiting.
+            let before = q.len();
+            q.retain(|r| !(r.gone)());
+            m.requests_cancelled
+                .fetch_add((before - q.len()) as u64, Ordering::Relaxed);
             loop {
                 for slot in slots.iter_mut().filter(|s| s.active.is_none()) {
                     let Some(req) = q.pop_front() else { break };
@@ -237,6 +273,7 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                         dec: StreamDecoder::new(),
                         stops: StopStrings::new(req.stop_strings),
                         sink: req.sink,
+                        gone: req.gone,
                     });
                 }
                 m.queue_len.store(q.len() as u64, Ordering::Relaxed);
@@ -268,6 +305,11 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
             if let Some(t) = a.next.take() {
                 plan.push((i, vec![t], true));
             } else if !a.pending.is_empty() && budget > 0 {
+                if (a.gone)() {
+                    m.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                    slot.active = None;
+                    continue;
+                }
                 let n = a.pending.len().min(budget);
                 budget -= n;
                 let chunk: Vec<u32> = a.pending.drain(..n).collect();
@@ -348,17 +390,21 @@ fn run_loop(model: &Model, sh: &Shared, n_parallel: usize, n_ctx: usize) {
                 } else if a.generated >= a.max_tokens || slot.session.pos() >= slot.session.n_ctx {
                     finish = Some(FinishReason::Length);
                 }
-                if finish.is_some() && !hit {
-                    // Release text held back for a stop string that never came.
-                    let (tail, _) = a.stops.push(&a.dec.flush());
-                    let rest = tail + &a.stops.finish();
-                    if !rest.is_empty() && alive {
-                        alive = (a.sink)(Event::Token {
-                            id,
-                            text: rest,
-                            logprobs: None,
-                        });
-                    }
+            }
+            if finish.is_some() && !a.stops.stopped() && alive {
+                // Release text held back for a stop string that never came (and bytes of an
+                // unfinished character, as U+FFFD), after the last token or at a stop token.
+                let (tail, hit) = a.stops.push(&a.dec.flush());
+                let rest = tail + &a.stops.finish();
+                if hit {
+                    finish = Some(FinishReason::Stop);
+                }
+                if !rest.is_empty() {
+                    alive = (a.sink)(Event::Token {
+                        id,
+                        text: rest,
+                        logprobs: None,
+                    });
                 }
             }
             if !alive {

@@ -82,12 +82,14 @@ impl std::fmt::Debug for Tokenizer {
 
 /// GPT-2's `bytes_to_unicode` inverted: for a char code below 324, the byte it stands for
 /// (-1 where the code is not one of the 256 image chars).
-fn unicode_to_byte_table() -> [i16; 324] {
+static UNICODE_TO_BYTE: [i16; 324] = unicode_to_byte_table();
+
+const fn unicode_to_byte_table() -> [i16; 324] {
     let mut table = [-1i16; 324];
     let mut n = 0u32;
-    for b in 0u32..256 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut b = 0u32;
+    while b < 256 {
+        let printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
         let c = if printable {
             b
         } else {
@@ -95,6 +97,7 @@ fn unicode_to_byte_table() -> [i16; 324] {
             255 + n
         };
         table[c as usize] = b as i16;
+        b += 1;
     }
     table
 }
@@ -102,10 +105,10 @@ fn unicode_to_byte_table() -> [i16; 324] {
 /// The raw bytes of a byte-level BPE token string. Like the `tokenizers` ByteLevel decoder, a
 /// token with a char outside the GPT-2 byte alphabet is kept as its UTF-8 text; returns
 /// whether every char was in the alphabet.
-fn byte_level_bytes(table: &[i16; 324], s: &str, out: &mut Vec<u8>) -> bool {
+fn byte_level_bytes(s: &str, out: &mut Vec<u8>) -> bool {
     let start = out.len();
     for c in s.chars() {
-        match table.get(c as usize) {
+        match UNICODE_TO_BYTE.get(c as usize) {
             Some(&b) if b >= 0 => out.push(b as u8),
             _ => {
                 out.truncate(start);
@@ -303,7 +306,6 @@ impl Tokenizer {
         // `in_alphabet[i]`: BPE can reach token i, because its text is in the byte-level
         // alphabet and its bytes are what that text stands for (a control token's text is
         // kept raw, so only printable ASCII, which stands for itself, qualifies).
-        let table = unicode_to_byte_table();
         let mut token_table = TokenTable::with_capacity(n);
         let mut in_alphabet = vec![false; n];
         for (i, t) in tokens.iter().enumerate() {
@@ -312,7 +314,7 @@ impl Tokenizer {
                     out.extend_from_slice(t.as_bytes());
                     t.bytes().all(|b| (33..=126).contains(&b))
                 } else {
-                    byte_level_bytes(&table, t, out)
+                    byte_level_bytes(t, out)
                 };
             })?;
         }
@@ -332,7 +334,7 @@ impl Tokenizer {
             &token_table,
             |id| in_alphabet[id as usize],
             halves.iter().copied(),
-            |t, out| byte_level_bytes(&table, t, out),
+            byte_level_bytes,
             &added,
             LLAMA3_PRETOKENIZER_REGEX,
         )
@@ -422,7 +424,6 @@ impl Tokenizer {
         } else {
             contains_type(&decoder, "ByteLevel")
         };
-        let table = unicode_to_byte_table();
         let mut tokens = TokenTable::with_capacity(n);
         for (i, t) in text_of.iter().enumerate() {
             tokens.push_with(|out| {
@@ -430,7 +431,7 @@ impl Tokenizer {
                 // Added tokens go through the ByteLevel decoder too in `tokenizers`
                 // ("<|eot_id|>" maps to itself; a raw "\n" is not in the alphabet and stays).
                 if byte_level {
-                    byte_level_bytes(&table, t, out);
+                    byte_level_bytes(t, out);
                 } else if text_is_raw[i] {
                     out.extend_from_slice(t.as_bytes());
                 } else {
@@ -576,7 +577,7 @@ impl Tokenizer {
                 // stands for; any other token (a control token with a space, say) is found by
                 // its raw text, the last of equal ones as in the vocabulary.
                 let mut bytes = Vec::with_capacity(text.len());
-                let found = match byte_level_bytes(&unicode_to_byte_table(), text, &mut bytes) {
+                let found = match byte_level_bytes(text, &mut bytes) {
                     true => bpe.token_id(&self.tokens, &bytes),
                     false => None,
                 };
@@ -702,7 +703,7 @@ mod tests {
 
     #[test]
     fn byte_table_is_a_bijection() {
-        let t = unicode_to_byte_table();
+        let t = &UNICODE_TO_BYTE;
         let mut seen = [false; 256];
         for &b in t.iter().filter(|&&b| b >= 0) {
             assert!(!seen[b as usize]);
@@ -714,7 +715,7 @@ mod tests {
         assert_eq!(t['!' as usize], b'!' as i16);
         let bl = |s: &str| {
             let mut v = b"x".to_vec();
-            byte_level_bytes(&t, s, &mut v);
+            byte_level_bytes(s, &mut v);
             v[1..].to_vec()
         };
         assert_eq!(bl("Ġworld"), b" world");
@@ -1155,7 +1156,7 @@ mod tests {
     /// last id wins); a control token with a space; merges through those corners.
     #[test]
     fn quirky_vocab_matches_tokenizers_crate() {
-        let table = unicode_to_byte_table();
+        let table = &UNICODE_TO_BYTE;
         let mut alphabet = vec![String::new(); 256];
         for (c, &b) in table.iter().enumerate() {
             if b >= 0 {

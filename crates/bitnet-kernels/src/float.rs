@@ -578,6 +578,30 @@ where
     });
 }
 
+/// `f(t, row)` for the rows of tokens `0..nt` of `buf` (`width` values each), tokens split
+/// across the pool's threads when there are enough of them to pay for it. Each token's work
+/// is the same however the tokens are split.
+pub fn par_token_rows<T: Send>(
+    buf: &mut [T],
+    nt: usize,
+    width: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    /// Tokens per part at least: one token's norm or quantization is a few microseconds.
+    const MIN_TOKENS: usize = 4;
+    assert!(buf.len() >= nt * width);
+    // An address, so the closure is Sync whatever T is.
+    let base = buf.as_mut_ptr() as usize;
+    pool::for_ranges(nt, 1, MIN_TOKENS, |tokens| {
+        for t in tokens {
+            // SAFETY: the ranges are disjoint, so each token's row is lent to one call.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(t * width), width) };
+            f(t, row);
+        }
+    });
+}
+
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`, in f32 (the mean accumulated in f64).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let r = inv_rms(x, eps);
@@ -631,41 +655,48 @@ unsafe fn exp_nonpositive_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_6
     _mm256_andnot_ps(underflow, e)
 }
 
-/// [`softmax`] with the exponentials eight at a time (the tail with `f32::exp`); used by the
-/// AVX2 attention kernel, the same way for every row.
+/// [`softmax`] with the exponentials eight at a time (the tail as in [`softmax`]); used by
+/// the AVX2 attention kernel, the same way for every row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(x: &mut [f32]) {
     use std::arch::x86_64::*;
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let (mv, n8) = (_mm256_set1_ps(m), x.len() / 8 * 8);
-    let mut acc = _mm256_setzero_ps();
-    for c in x[..n8].chunks_exact_mut(8) {
-        let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-        _mm256_storeu_ps(c.as_mut_ptr(), e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut sum: f32 = lanes.iter().sum();
-    for v in &mut x[n8..] {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    softmax_with(x, |x, m| {
+        let (mv, n8) = (_mm256_set1_ps(m), x.len() / 8 * 8);
+        let mut acc = _mm256_setzero_ps();
+        for c in x[..n8].chunks_exact_mut(8) {
+            let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        lanes.iter().sum::<f32>() + exp_shifted(&mut x[n8..], m)
+    })
 }
 
 /// In-place softmax (max-subtracted).
 pub fn softmax(x: &mut [f32]) {
+    softmax_with(x, exp_shifted)
+}
+
+/// The steps of a softmax around `exps`, which replaces each value v by `exp(v - max)` and
+/// returns their sum.
+#[inline(always)]
+fn softmax_with(x: &mut [f32], exps: impl FnOnce(&mut [f32], f32) -> f32) {
     let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let inv = 1.0 / exps(x, m);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `v = exp(v - m)` for every value, and their sum.
+fn exp_shifted(x: &mut [f32], m: f32) -> f32 {
     let mut sum = 0f32;
     for v in x.iter_mut() {
         *v = (*v - m).exp();
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    sum
 }
 
 #[cfg(test)]
@@ -978,6 +1009,26 @@ mod tests {
         par_rows(37, 2, 2, &x, &mut out, |r, xt| r as f32 * xt[0] + xt[1]);
         assert_eq!(out[5], 5.0 + 2.0);
         assert_eq!(out[37 + 5], 15.0 + 4.0);
+    }
+
+    /// Every token's row is handed to `f` exactly once, with its own index, and nothing past
+    /// `nt` rows is touched; token counts around the per-part minimum.
+    #[test]
+    fn par_token_rows_covers_each_row_once() {
+        for nt in [0, 1, 3, 4, 5, 9, 17, 64] {
+            let width = 7;
+            let mut buf = vec![0u32; nt * width + 3];
+            par_token_rows(&mut buf, nt, width, |t, row| {
+                assert_eq!(row.len(), width);
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v += (t * width + i) as u32 + 1;
+                }
+            });
+            for (i, &v) in buf.iter().enumerate() {
+                let want = if i < nt * width { i as u32 + 1 } else { 0 };
+                assert_eq!(v, want, "nt {nt} index {i}");
+            }
+        }
     }
 
     /// The vector exp against f64 over softmax's whole input range: within 3 ulp where the

@@ -52,6 +52,13 @@ async fn parse_body<T: for<'de> Deserialize<'de>>(
     serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid request body: {e}")))
 }
 
+/// Run CPU-heavy request work (encoding a prompt of up to the body limit takes about a second)
+/// with the runtime told, so that the other connections' tasks, streams and `/health` move to
+/// another worker meanwhile. The server runs on a multi-threaded runtime.
+fn off_runtime<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
+}
+
 pub async fn health(State(st): State<SharedState>) -> Response {
     match st.ready() {
         Ok(_) => axum::Json(json!({"status": "ok"})).into_response(),
@@ -174,7 +181,7 @@ pub async fn tokenize(State(st): State<SharedState>, body: Body) -> Response {
         Err(r) => return r,
     };
     let tok = l.model.tokenizer.as_ref().expect("checked at load");
-    let ids = match tok.encode(&req.content, req.add_special) {
+    let ids = match off_runtime(|| tok.encode(&req.content, req.add_special)) {
         Ok(ids) => ids,
         Err(e) => return bad_request(&e.to_string()),
     };
@@ -333,11 +340,17 @@ fn sampling(st: &SharedState, c: &Common, n_vocab: usize) -> Result<SamplingPara
             return Err(bad_request("only n = 1 is supported"));
         }
     }
-    let mut logit_bias = Vec::new();
+    let mut logit_bias: Vec<(u32, f32)> = Vec::new();
     for (k, v) in c.logit_bias.iter().flatten() {
         let id: u32 = k
             .parse()
             .map_err(|_| bad_request(&format!("logit_bias key {k:?} is not a token id")))?;
+        // "5", "05" and "+5" are one token: each bias would add up past the allowed range.
+        if logit_bias.iter().any(|&(seen, _)| seen == id) {
+            return Err(bad_request(&format!(
+                "logit_bias lists token {id} more than once (key {k:?})"
+            )));
+        }
         if !(-100.0..=100.0).contains(v) {
             return Err(bad_request(&format!(
                 "logit_bias value {v} for token {id} must be between -100 and 100"
@@ -372,6 +385,9 @@ fn sampling(st: &SharedState, c: &Common, n_vocab: usize) -> Result<SamplingPara
     Ok(p)
 }
 
+/// Longest stop sequence accepted, in bytes.
+const MAX_STOP_BYTES: usize = 256;
+
 fn stops(c: &Common) -> Result<Vec<String>, Response> {
     let v = match &c.stop {
         None => Vec::new(),
@@ -380,6 +396,13 @@ fn stops(c: &Common) -> Result<Vec<String>, Response> {
     };
     if v.len() > 16 {
         return Err(bad_request("at most 16 stop sequences"));
+    }
+    // Every stop string is searched for at every token, on the thread all slots share.
+    if let Some(s) = v.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(bad_request(&format!(
+            "a stop sequence has {} bytes; at most {MAX_STOP_BYTES} are allowed",
+            s.len()
+        )));
     }
     Ok(v)
 }
@@ -434,9 +457,11 @@ fn build_job(
     }
     let params = sampling(st, c, n_vocab)?;
     let room = n_ctx - prompt.len();
-    let max_tokens = c
-        .max_completion_tokens
-        .or(c.max_tokens)
+    let asked = c.max_completion_tokens.or(c.max_tokens);
+    if asked == Some(0) {
+        return Err(bad_request("max_tokens must be at least 1"));
+    }
+    let max_tokens = asked
         .or(st.cfg.default_max_tokens)
         .unwrap_or(room)
         .min(room);
@@ -464,6 +489,7 @@ fn build_job(
 /// cancels the generation at its next token.
 fn submit(l: &Loaded, job: &Job) -> Result<mpsc::UnboundedReceiver<Event>, Response> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let probe = tx.clone();
     let req = GenRequest {
         prompt: job.prompt.clone(),
         params: job.params.clone(),
@@ -471,6 +497,7 @@ fn submit(l: &Loaded, job: &Job) -> Result<mpsc::UnboundedReceiver<Event>, Respo
         stop_strings: job.stop.clone(),
         logprobs: job.logprobs,
         sink: Box::new(move |ev| tx.send(ev).is_ok()),
+        gone: Box::new(move || probe.is_closed()),
     };
     match l.sched.submit(req) {
         Ok(()) => Ok(rx),
@@ -576,7 +603,7 @@ pub async fn chat_completions(State(st): State<SharedState>, body: Body) -> Resp
         Ok(r) => r,
         Err(r) => return r,
     };
-    let prompt = match render_chat(l, &req) {
+    let prompt = match off_runtime(|| render_chat(l, &req)) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -681,7 +708,8 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Re
 
 /// Server-sent events: the first chunk, then the chunks `format` makes of each engine event,
 /// then `data: [DONE]`. A forwarding task owns the engine's receiver: when the client goes
-/// away its send fails, it returns, the receiver drops and the scheduler cancels the request.
+/// away (the response stream is dropped), it returns, the receiver drops and the scheduler
+/// cancels the request, also while it is still queued or reading its prompt.
 fn sse(
     head: Value,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -690,7 +718,12 @@ fn sse(
     let (tx, out) = mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     let _ = tx.send(Ok(SseEvent::default().data(head.to_string())));
     tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tx.closed() => return,
+            };
+            let Some(ev) = ev else { return };
             let done = matches!(ev, Event::Done { .. });
             for chunk in format(ev) {
                 if tx
@@ -723,11 +756,11 @@ pub async fn completions(State(st): State<SharedState>, body: Body) -> Response 
     let tok = l.model.tokenizer.clone().expect("checked at load");
     let (prompt, prompt_text) = match &req.prompt {
         Prompt::Tokens(ids) => (ids.clone(), None),
-        Prompt::Text(s) => match tok.encode(s, true) {
+        Prompt::Text(s) => match off_runtime(|| tok.encode(s, true)) {
             Ok(ids) => (ids, Some(s.clone())),
             Err(e) => return bad_request(&e.to_string()),
         },
-        Prompt::Texts(v) if v.len() == 1 => match tok.encode(&v[0], true) {
+        Prompt::Texts(v) if v.len() == 1 => match off_runtime(|| tok.encode(&v[0], true)) {
             Ok(ids) => (ids, Some(v[0].clone())),
             Err(e) => return bad_request(&e.to_string()),
         },

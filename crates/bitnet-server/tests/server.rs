@@ -309,6 +309,19 @@ fn errors() {
         400
     );
     assert_eq!(bad(r#"{"messages": []}"#).0, 400);
+    // Asking for no tokens at all is an error (it used to return one token).
+    let (st, msg) = bad(r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}"#);
+    assert!(st == 400 && msg.contains("max_tokens"), "{st} {msg}");
+    // "5" and "05" name one token: two biases for it would add up past the allowed range.
+    let (st, msg) = bad(
+        r#"{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100, "05": 100}}"#,
+    );
+    assert!(st == 400 && msg.contains("token 5"), "{st} {msg}");
+    let (st, msg) = bad(
+        &json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["x".repeat(257)]})
+            .to_string(),
+    );
+    assert!(st == 400 && msg.contains("stop"), "{st} {msg}");
     let long = "word ".repeat(400);
     let (st, msg) = bad(&json!({"messages": [{"role": "user", "content": long}]}).to_string());
     assert!(st == 400 && msg.contains("context"), "{st} {msg}");
@@ -356,6 +369,11 @@ fn api_key_and_queue_limit_and_cancellation() {
         .0,
         401
     );
+    // Same length, a prefix, the key with more after it: all refused.
+    for wrong in ["Bearer sekreT", "Bearer sekre", "Bearer sekrett", "sekret"] {
+        let h = [("Authorization", wrong)];
+        assert_eq!(http(&s, "GET", "/v1/models", None, &h).0, 401, "{wrong}");
+    }
     let auth = [("Authorization", "Bearer sekret")];
     assert_eq!(http(&s, "GET", "/v1/models", None, &auth).0, 200);
 
