@@ -25,6 +25,7 @@ use crate::weights::{self, BitLinear, Weights};
 use crate::{bail, Error, Result};
 use bitnet_formats::safetensors_dir::{is_hf_dir, HfDir};
 use bitnet_formats::{gguf, GgufFile};
+use bitnet_kernels::aligned::AlignedI8;
 use bitnet_kernels::float::{
     attention_rows, par_token_rows, rms_norm, rms_norm_in_place, AttnArgs, KvElem,
 };
@@ -676,7 +677,7 @@ struct AttnScratch {
 /// int8 activations of several tokens, each row padded to a multiple of 128.
 #[derive(Default)]
 struct QuantizedActs {
-    q: Vec<i8>,
+    q: AlignedI8,
     scale: Vec<f32>,
     sum: Vec<i32>,
     n_tok: usize,
@@ -687,7 +688,7 @@ impl QuantizedActs {
     /// Tokens split across the pool's threads when there are several.
     fn quantize(&mut self, x: &[f32], nt: usize, cols: usize) {
         let kp = padded_len(cols);
-        self.q.resize(nt * kp, 0);
+        self.q.resize(nt * kp);
         self.scale.resize(nt, 0.0);
         self.sum.resize(nt, 0);
         let (scale, sum) = (

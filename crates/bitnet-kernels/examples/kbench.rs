@@ -2,7 +2,10 @@
 //! run: `cargo run --release -p bitnet-kernels --example kbench [-- FILTER [cache|stream]]`.
 //!
 //! - ternary GEMV/GEMM (2560x2560, 6912x2560, 2560x6912; 1 and 128 tokens): scalar, the
-//!   previous AVX2 kernel (copied below as the baseline), and every ISA this CPU runs;
+//!   previous AVX2 kernel (copied below as the baseline), every ISA this CPU runs, and the
+//!   AVX2 kernel with activations 16 bytes past a cache line (the engine aligns them);
+//! - `peak`: the core's AVX2 int8 ceiling (hand-scheduled `vpmaddubsw` + `vpaddw`), the
+//!   compute bound of the ternary GEMM on AVX2;
 //! - the output head (128256 x 2560): F16 one row per call (previous), F16 four rows per call,
 //!   and the Q8_0 requantized head;
 //! - TQ1_0 blocks used as stored (`tq1`) next to the 2-bit layout of the same shape;
@@ -13,6 +16,7 @@
 //! Prints median microseconds per call, weight GB/s and the ratio to the first line of each
 //! group, for 1 and 2 threads.
 
+use bitnet_kernels::aligned::AlignedI8;
 use bitnet_kernels::float::{dot_f16, matmul_f16, par_rows};
 use bitnet_kernels::q8::Q8Matrix;
 use bitnet_kernels::ternary::{self, padded_len, TernaryView};
@@ -197,6 +201,112 @@ fn line(
     );
 }
 
+/// The AVX2 int8 ceiling of this core: 32 independent `vpmaddubsw` + `vpaddw` pairs per
+/// iteration (eight accumulators, operands from L1), the instructions the ternary GEMM is made
+/// of, in hand-scheduled assembly. Returns multiply-adds per second, for the GEMM's fraction
+/// of it.
+#[cfg(target_arch = "x86_64")]
+fn maddubs_peak() -> Option<f64> {
+    use std::arch::asm;
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return None;
+    }
+    macro_rules! pair {
+        ($off:literal, $code:literal, $tmp:literal, $acc:literal) => {
+            concat!(
+                "vpmaddubsw ymm",
+                $tmp,
+                ", ymm",
+                $code,
+                ", [{q} + ",
+                $off,
+                "]\n",
+                "vpaddw ymm",
+                $acc,
+                ", ymm",
+                $acc,
+                ", ymm",
+                $tmp,
+                "\n"
+            )
+        };
+    }
+    #[repr(align(64))]
+    struct Acts([i8; 1024]);
+    let acts = Acts([1; 1024]);
+    let iters: u64 = 2_000_000;
+    let run = || {
+        // SAFETY: AVX2 is present; the loads stay within `acts` (offsets < 1024); every
+        // register written is declared clobbered.
+        unsafe {
+            asm!(
+                "vpcmpeqb ymm8, ymm8, ymm8",
+                "vpabsb ymm8, ymm8",
+                "vmovdqa ymm9, ymm8",
+                "vmovdqa ymm10, ymm8",
+                "vmovdqa ymm11, ymm8",
+                "2:",
+                pair!("0", "8", "12", "0"),
+                pair!("128", "8", "13", "1"),
+                pair!("256", "8", "14", "2"),
+                pair!("384", "8", "15", "3"),
+                pair!("512", "8", "12", "4"),
+                pair!("640", "8", "13", "5"),
+                pair!("768", "8", "14", "6"),
+                pair!("896", "8", "15", "7"),
+                pair!("32", "9", "12", "0"),
+                pair!("160", "9", "13", "1"),
+                pair!("288", "9", "14", "2"),
+                pair!("416", "9", "15", "3"),
+                pair!("544", "9", "12", "4"),
+                pair!("672", "9", "13", "5"),
+                pair!("800", "9", "14", "6"),
+                pair!("928", "9", "15", "7"),
+                pair!("64", "10", "12", "0"),
+                pair!("192", "10", "13", "1"),
+                pair!("320", "10", "14", "2"),
+                pair!("448", "10", "15", "3"),
+                pair!("576", "10", "12", "4"),
+                pair!("704", "10", "13", "5"),
+                pair!("832", "10", "14", "6"),
+                pair!("960", "10", "15", "7"),
+                pair!("96", "11", "12", "0"),
+                pair!("224", "11", "13", "1"),
+                pair!("352", "11", "14", "2"),
+                pair!("480", "11", "15", "3"),
+                pair!("608", "11", "12", "4"),
+                pair!("736", "11", "13", "5"),
+                pair!("864", "11", "14", "6"),
+                pair!("992", "11", "15", "7"),
+                "dec {n}",
+                "jnz 2b",
+                q = in(reg) acts.0.as_ptr(),
+                n = inout(reg) iters => _,
+                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+                out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+                out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+                options(nostack, readonly),
+            );
+        }
+    };
+    let t = time(run, 0.3);
+    Some(iters as f64 * 1024.0 / t)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn maddubs_peak() -> Option<f64> {
+    None
+}
+
+/// Random int8 activations, cache-line aligned as the engine's are.
+fn random_acts(rng: &mut Lcg, n: usize) -> AlignedI8 {
+    let mut q = AlignedI8::default();
+    q.resize(n);
+    q.iter_mut().for_each(|v| *v = rng.next() as i8);
+    q
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let filter = args.get(1).cloned().unwrap_or_default();
@@ -214,6 +324,14 @@ fn main() {
         }
     );
     let has = |n: &str| filter.is_empty() || n.contains(&filter);
+    if has("peak") || has("ternary") {
+        if let Some(p) = maddubs_peak() {
+            println!(
+                "t=1 AVX2 int8 ceiling (vpmaddubsw + vpaddw, from L1): {:.1} Gmac/s",
+                p / 1e9
+            );
+        }
+    }
     for threads in [1usize, 2] {
         let tp = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -259,7 +377,7 @@ fn main() {
                     if !has(&name) {
                         continue;
                     }
-                    let q: Vec<i8> = (0..n_tok * kp).map(|_| rng.next() as i8).collect();
+                    let q = random_acts(&mut rng, n_tok * kp);
                     let qsum: Vec<i32> = (0..n_tok)
                         .map(|t| q[t * kp..(t + 1) * kp].iter().map(|&v| v as i32).sum())
                         .collect();
@@ -283,6 +401,14 @@ fn main() {
                         let t = time(|| ternary::gemm(isa, next(), &q, &qsum, n_tok, &mut out), 0.6);
                         line(threads, &name, isa.name(), t, bytes, macs, &mut base);
                     }
+                    // The engine's activations start on a cache line; what a start 16 bytes
+                    // past one (a plain Vec of this size from glibc) would cost.
+                    let mut off = AlignedI8::default();
+                    off.resize(q.len() + 16);
+                    off[16..].copy_from_slice(&q);
+                    let (q16, isa) = (&off[16..], Isa::detect());
+                    let t = time(|| ternary::gemm(isa, next(), q16, &qsum, n_tok, &mut out), 0.6);
+                    line(threads, &name, "(16 mod 64)", t, bytes, macs, &mut base);
                 }
             }
             // TQ1_0 blocks as stored in the file, next to the 2-bit layout of the same shape.
@@ -296,7 +422,7 @@ fn main() {
                     if !has(&name) {
                         continue;
                     }
-                    let q: Vec<i8> = (0..n_tok * k).map(|_| rng.next() as i8).collect();
+                    let q = random_acts(&mut rng, n_tok * k);
                     let qsum = vec![0i32; n_tok];
                     let mut out = vec![0i32; n_tok * rows];
                     let (mut base, macs, isa) = (None, rows * k * n_tok, Isa::detect());

@@ -7,9 +7,11 @@
 //! - [`float`]: f32/f16 dot products for the output head, RMSNorm, softmax.
 //! - [`q8`]: the output head requantized to 8-bit blocks (Q8_0 x Q8_0 products).
 //! - [`q6k`]: the output head in ggml's 6-bit Q6_K blocks (Q6_K x int8 products).
+//! - [`aligned`]: the cache-line-aligned buffer the int8 activations live in.
 //! - [`pool`]: the persistent worker pool the kernels run on (`rayon::current_num_threads()`
 //!   threads).
 
+pub mod aligned;
 #[cfg(test)]
 mod emu512;
 pub mod float;
