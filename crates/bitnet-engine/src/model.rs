@@ -440,14 +440,15 @@ impl Model {
             let (f, up) = (c.n_ff, &sc.up);
             // The gated activation, then the sub-norm, token by token.
             par_token_rows(&mut sc.gate, nt, f, |t, gate| {
-                for (g, u) in gate.iter_mut().zip(&up[t * f..(t + 1) * f]) {
-                    *g = match c.activation {
-                        Activation::Relu2 => {
-                            let r = g.max(0.0);
-                            r * r * u
-                        }
-                        Activation::Silu => *g / (1.0 + (-*g).exp()) * u,
-                    };
+                let pairs = gate.iter_mut().zip(&up[t * f..(t + 1) * f]);
+                // One loop per activation: with the match inside, the compiler computed both
+                // arms and selected, calling `expf` for every value of a ReLU² model too.
+                match c.activation {
+                    Activation::Relu2 => pairs.for_each(|(g, u)| {
+                        let r = g.max(0.0);
+                        *g = r * r * u
+                    }),
+                    Activation::Silu => pairs.for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u),
                 }
                 if let Some(norm) = &w.ffn_sub_norm {
                     rms_norm_in_place(gate, norm, c.rms_eps);

@@ -1037,7 +1037,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn exp_avx2_is_within_a_few_ulp() {
-        if !has_f16c() {
+        if !(Isa::Avx2.is_available() && has_f16c()) {
             return; // no AVX2 + FMA: the scalar softmax is used
         }
         let mut x: Vec<f32> = (0..200_000).map(|i| -(i as f32) * 5e-4).collect();
@@ -1082,5 +1082,43 @@ mod tests {
         let mut p = [1.0f32, 1.0, f32::NEG_INFINITY];
         softmax(&mut p);
         assert_eq!(p, [0.5, 0.5, 0.0]);
+    }
+
+    /// Both softmaxes against f64 on every length up to 40 (every remainder of eight), with
+    /// -inf entries (masked keys) and a wide spread of scores: each probability within 1e-6
+    /// absolute and 1e-5 relative (a few ulp of the exponential, then one division).
+    #[test]
+    fn softmaxes_match_f64_on_every_tail() {
+        let mut rng = Lcg(11);
+        for n in 1..=40 {
+            let x: Vec<f32> = (0..n)
+                .map(|i| match i % 7 {
+                    6 if i > 0 => f32::NEG_INFINITY,
+                    _ => rng.f32() * 30.0,
+                })
+                .collect();
+            let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            type Softmax = fn(&mut [f32]);
+            let mut kernels: Vec<(&str, Softmax)> = vec![("scalar", softmax)];
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx2.is_available() && has_f16c() {
+                // SAFETY: the CPU has AVX2 and FMA.
+                kernels.push(("avx2", |p| unsafe { softmax_avx2(p) }));
+            }
+            for (name, f) in kernels {
+                let mut p = x.clone();
+                f(&mut p);
+                for (i, (&got, &want)) in p.iter().zip(&e).enumerate() {
+                    let want = want / sum;
+                    let err = (got as f64 - want).abs();
+                    assert!(
+                        err <= 1e-6_f64.max(1e-5 * want),
+                        "{name} n={n} i={i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
