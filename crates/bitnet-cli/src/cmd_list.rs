@@ -46,15 +46,21 @@ fn contents(m: &CachedModel) -> String {
     }
 }
 
+/// The first seven characters of a commit hash as git shows them; a hand-edited cache may hold
+/// something else, shown whole.
+fn short_hash(c: &str) -> &str {
+    c.get(..7).unwrap_or(c)
+}
+
 fn revisions(m: &CachedModel) -> String {
     let mut out: Vec<String> = m
         .refs
         .iter()
-        .map(|(name, c)| format!("{name}={}", &c[..c.len().min(7)]))
+        .map(|(name, c)| format!("{name}={}", short_hash(c)))
         .collect();
     for (c, _) in &m.snapshots {
         if !m.refs.iter().any(|(_, rc)| rc == c) {
-            out.push(c[..c.len().min(7)].to_string());
+            out.push(short_hash(c).to_string());
         }
     }
     if out.is_empty() {

@@ -79,6 +79,18 @@ impl RepoCache {
         self.dir.join("blobs").join(etag)
     }
 
+    /// The lock file of one blob's download, where `huggingface_hub` keeps its own
+    /// (`<cache>/.locks/<repo folder>/<etag>.lock`, also an flock), so that two downloads of
+    /// one blob, ours or Python's, take turns instead of appending to one partial file.
+    pub fn lock_path(&self, etag: &str) -> PathBuf {
+        let cache = self.dir.parent().unwrap_or(Path::new("."));
+        let folder = self.dir.file_name().unwrap_or_default();
+        cache
+            .join(".locks")
+            .join(folder)
+            .join(format!("{etag}.lock"))
+    }
+
     pub fn incomplete_path(&self, etag: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("{etag}.incomplete"))
     }

@@ -447,7 +447,7 @@ impl Hub {
             .ok_or_else(|| bad("no file list (\"siblings\")"))?
             .iter()
             .filter_map(|s| s.get("rfilename").and_then(|f| f.as_str()))
-            .filter(|f| !f.starts_with('/') && !f.split('/').any(|p| p == ".." || p.is_empty()))
+            .filter(|f| safe_repo_path(f))
             .map(str::to_string)
             .collect();
         Ok(RepoInfo { commit, files })
@@ -524,14 +524,44 @@ impl Hub {
             return Ok(pointer);
         }
         let meta = self.file_meta(&rc.repo, commit, file)?;
+        // Held until the file is linked; checked after it is taken, since another process may
+        // have finished the blob meanwhile.
+        let _lock = self.lock_blob(rc, &meta.etag, file)?;
         let blob = rc.blob_path(&meta.etag);
         let blob_ok = blob
             .metadata()
             .is_ok_and(|m| m.is_file() && meta.size.is_none_or(|s| s == m.len()));
         if !blob_ok {
-            self.download(rc, file, &meta)?;
+            self.download(rc, commit, file, &meta)?;
         }
         rc.link(commit, file, &meta.etag)
+    }
+
+    /// Take the blob's download lock (released when the file is dropped), saying so when
+    /// another download holds it.
+    fn lock_blob(&self, rc: &RepoCache, etag: &str, file: &str) -> Result<std::fs::File> {
+        let path = rc.lock_path(etag);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| HubError::io(parent, e))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| HubError::io(&path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                self.note(&format!(
+                    "note: waiting for another download of {file} of {} to finish",
+                    rc.repo
+                ));
+                lock.lock().map_err(|e| HubError::io(&path, e))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(HubError::io(&path, e)),
+        }
+        Ok(lock)
     }
 
     fn bar(&self, file: &str, size: Option<u64>, start: u64) -> ProgressBar {
@@ -558,7 +588,7 @@ impl Hub {
     }
 
     /// Download a file into `blobs/<etag>`, resuming `blobs/<etag>.incomplete`, and verify it.
-    fn download(&self, rc: &RepoCache, file: &str, meta: &FileMeta) -> Result<()> {
+    fn download(&self, rc: &RepoCache, commit: &str, file: &str, meta: &FileMeta) -> Result<()> {
         let inc = rc.incomplete_path(&meta.etag);
         let blob = rc.blob_path(&meta.etag);
         if let Some(parent) = inc.parent() {
@@ -609,7 +639,7 @@ impl Hub {
                 continue;
             }
             if !status.is_success() {
-                return Err(self.status_error(&r, &rc.repo, "", Some(file)));
+                return Err(self.status_error(&r, &rc.repo, commit, Some(file)));
             }
             if status == StatusCode::PARTIAL_CONTENT {
                 let start = header(&r, "content-range")
@@ -667,6 +697,19 @@ impl Hub {
                     return Err(interrupted(got, e.to_string()));
                 }
             };
+            if let Some(size) = meta.size.filter(|&s| got + n as u64 > s) {
+                // A body longer than announced would fill the disk; it is not this file.
+                drop(out);
+                pb.abandon();
+                let _ = std::fs::File::create(&inc);
+                return Err(HubError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "the server sent more than the {size} bytes announced for {file} of {}; the partial file was discarded",
+                        rc.repo
+                    ),
+                ));
+            }
             out.write_all(&buf[..n])
                 .map_err(|e| HubError::io(&inc, e))?;
             got += n as u64;
@@ -744,6 +787,35 @@ mod tests {
         assert_eq!(clean_etag("W/\"abc\""), "abc");
     }
 
+    /// Names a hostile repository could list, refused: they would leave the snapshot folder
+    /// (on Windows a backslash or drive is a separator too) or break the link depth.
+    #[test]
+    fn repository_file_names_stay_inside_the_snapshot() {
+        for ok in [
+            "a.gguf",
+            "sub/dir/model-00001-of-00002.safetensors",
+            "x..y.gguf",
+            ".gitattributes",
+        ] {
+            assert!(safe_repo_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a//b",
+            "../x.gguf",
+            "a/../../x.gguf",
+            "./x-i2_s.gguf",
+            "..\\..\\x-i2_s.gguf",
+            "model\\..\\x.safetensors",
+            "C:/x.gguf",
+            "a\0b.gguf",
+            "a\nb.gguf",
+        ] {
+            assert!(!safe_repo_path(bad), "{bad:?}");
+        }
+    }
+
     #[test]
     fn git_blob_sha1_matches_git() {
         // `printf 'hello\n' | git hash-object --stdin`
@@ -761,4 +833,16 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A repository file name that stays inside the snapshot folder on every OS: `/`-separated
+/// parts, none empty, `.` or `..`, none with a backslash, a colon (a drive or stream on
+/// Windows) or a control character.
+fn safe_repo_path(f: &str) -> bool {
+    !f.split('/').any(|p| {
+        p.is_empty()
+            || p == "."
+            || p == ".."
+            || p.chars().any(|c| c == '\\' || c == ':' || c.is_control())
+    })
 }

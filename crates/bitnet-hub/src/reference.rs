@@ -182,7 +182,8 @@ fn tag_matches<'a>(ggufs: &[&'a str], tag: &str) -> Vec<&'a str> {
             if sep(before) && sep(after) {
                 return true;
             }
-            start = a + 1;
+            // On to the next char (a byte further could split a multi-byte one).
+            start = a + stem[a..].chars().next().map_or(1, char::len_utf8);
         }
         false
     };
@@ -410,6 +411,11 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("several"), "{e}");
+        // Non-ASCII tags: an unbounded first match inside a name must not split a character.
+        let e = select_files("o/r", &files(&["xé.gguf", "m-é.gguf"]), Some("é"));
+        assert_eq!(e.unwrap(), Selection::File("m-é.gguf".into()));
+        let e = select_files("o/r", &files(&["aéé.gguf"]), Some("é")).unwrap();
+        assert_eq!(e, Selection::File("aéé.gguf".into()));
     }
 
     #[test]

@@ -206,6 +206,62 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     assert!(!rc.incomplete_path(&sha).exists());
 }
 
+/// Several downloads of one file at once (threads here; processes, or Python's
+/// `huggingface_hub`, take the same lock file): one downloads, the others wait for it and then
+/// find the blob complete. Without the lock they appended to one partial file.
+#[test]
+fn concurrent_downloads_of_one_file_take_turns() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let endpoint = srv.url.clone();
+    let paths: Vec<PathBuf> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| hub(&endpoint, tmp.path()).resolve(&r("test/tiny-gguf:i2_s"))))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap().unwrap())
+            .collect()
+    });
+    for p in &paths {
+        assert!(same_bytes(p, &data("gguf/tiny-i2_s.gguf")));
+    }
+    let sha = sha256_of(&data("gguf/tiny-i2_s.gguf"));
+    let gets = srv
+        .log()
+        .iter()
+        .filter(|l| l.starts_with(&format!("GET /cdn-lfs/{sha}")))
+        .count();
+    assert_eq!(gets, 1, "{:?}", srv.log());
+    let rc = RepoCache::new(tmp.path(), "test/tiny-gguf");
+    assert!(!rc.incomplete_path(&sha).exists());
+    assert!(rc.lock_path(&sha).starts_with(tmp.path().join(".locks")));
+}
+
+/// A body longer than the announced size is cut off and discarded, not written until the disk
+/// is full.
+#[test]
+fn a_body_longer_than_announced_is_refused() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = hub(&srv.url, tmp.path());
+    srv.state.lock().unwrap().overlong = 3 << 20;
+    let e = h.resolve(&r("test/tiny-gguf:i2_s")).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Protocol, "{e}");
+    assert!(e.message.contains("more than"), "{e}");
+    let sha = sha256_of(&data("gguf/tiny-i2_s.gguf"));
+    let rc = RepoCache::new(tmp.path(), "test/tiny-gguf");
+    let left = rc
+        .incomplete_path(&sha)
+        .metadata()
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(left, 0);
+    srv.state.lock().unwrap().overlong = 0;
+    let p = h.resolve(&r("test/tiny-gguf:i2_s")).unwrap();
+    assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
+}
+
 #[test]
 fn a_checksum_mismatch_keeps_the_partial_file_and_never_uses_it() {
     let srv = server();

@@ -69,6 +69,8 @@ pub struct State {
     pub drop_after: Option<usize>,
     /// Serve LFS bytes with one byte flipped.
     pub corrupt: bool,
+    /// Serve LFS files with this many bytes more than their size (a runaway body).
+    pub overlong: usize,
     /// "METHOD path [range=..] [auth=...]" per request.
     pub log: Vec<String>,
 }
@@ -308,6 +310,7 @@ fn route(
             let mid = data.len() / 2;
             data[mid] ^= 0x40;
         }
+        data.resize(data.len() + s.overlong, b'x');
         let total = data.len();
         let start = range
             .and_then(|r| r.strip_prefix("bytes="))
