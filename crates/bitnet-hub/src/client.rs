@@ -773,6 +773,18 @@ struct RepoInfo {
     files: Vec<String>,
 }
 
+/// A repository file name that stays inside the snapshot folder on every OS: `/`-separated
+/// parts, none empty, `.` or `..`, none with a backslash, a colon (a drive or stream on
+/// Windows) or a control character.
+fn safe_repo_path(f: &str) -> bool {
+    !f.split('/').any(|p| {
+        p.is_empty()
+            || p == "."
+            || p == ".."
+            || p.chars().any(|c| c == '\\' || c == ':' || c.is_control())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -833,16 +845,4 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// A repository file name that stays inside the snapshot folder on every OS: `/`-separated
-/// parts, none empty, `.` or `..`, none with a backslash, a colon (a drive or stream on
-/// Windows) or a control character.
-fn safe_repo_path(f: &str) -> bool {
-    !f.split('/').any(|p| {
-        p.is_empty()
-            || p == "."
-            || p == ".."
-            || p.chars().any(|c| c == '\\' || c == ':' || c.is_control())
-    })
 }
