@@ -417,7 +417,33 @@ impl Hub {
             self.cfg.endpoint,
             encode_segment(revision)
         );
-        let mut resp = self.request("GET", &url, 0)?;
+        let bad = |why: &str| {
+            HubError::new(
+                ErrorKind::Protocol,
+                format!("the Hub's answer for {repo}@{revision} is not usable: {why}"),
+            )
+        };
+        // A renamed repository answers with a redirect to its new name on the same server;
+        // one to another server is not followed (it would get the token).
+        let mut url = url;
+        let mut hops = 0;
+        let mut resp = loop {
+            let resp = self.request("GET", &url, 0)?;
+            if !resp.status().is_redirection() {
+                break resp;
+            }
+            let loc = header(&resp, "location").unwrap_or("").to_string();
+            let next = if loc.starts_with('/') && !loc.starts_with("//") {
+                format!("{}{loc}", origin(&url))
+            } else {
+                loc
+            };
+            hops += 1;
+            if hops > 5 || next.is_empty() || origin(&next) != origin(&url) {
+                return Err(bad(&format!("redirected to {next:?}")));
+            }
+            url = next;
+        };
         if !resp.status().is_success() {
             return Err(self.status_error(&resp, repo, revision, None));
         }
@@ -426,13 +452,10 @@ impl Hub {
             .with_config()
             .limit(64 << 20)
             .read_to_string()
-            .map_err(|e| self.transport_error(&url, e))?;
-        let bad = |why: &str| {
-            HubError::new(
-                ErrorKind::Protocol,
-                format!("the Hub's answer for {repo}@{revision} is not usable: {why}"),
-            )
-        };
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => bad("larger than 64 MiB"),
+                e => self.transport_error(&url, e),
+            })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(&format!("invalid JSON ({e})")))?;
         let commit = v

@@ -238,6 +238,34 @@ fn concurrent_downloads_of_one_file_take_turns() {
     assert!(rc.lock_path(&sha).starts_with(tmp.path().join(".locks")));
 }
 
+/// A renamed repository: the Hub redirects its old name's API and file URLs to the new name
+/// (relative 307s); the model is found under the name the user gave.
+#[test]
+fn a_renamed_repository_is_followed() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = hub(&srv.url, tmp.path());
+    srv.state
+        .lock()
+        .unwrap()
+        .renamed
+        .push(("old/tiny-name".into(), "test/tiny-gguf".into()));
+    let p = h.resolve(&r("old/tiny-name:i2_s")).unwrap();
+    assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
+    assert!(p.starts_with(tmp.path().join("models--old--tiny-name")));
+    let log = srv.log();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("GET /api/models/old/tiny-name/")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("GET /api/models/test/tiny-gguf/")),
+        "{log:?}"
+    );
+}
+
 /// A body longer than the announced size is cut off and discarded, not written until the disk
 /// is full.
 #[test]

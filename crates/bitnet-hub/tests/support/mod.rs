@@ -71,6 +71,9 @@ pub struct State {
     pub corrupt: bool,
     /// Serve LFS files with this many bytes more than their size (a runaway body).
     pub overlong: usize,
+    /// Renamed repositories, (old id, new id): their API and resolve URLs answer 307 with a
+    /// relative Location under the new id, as the Hub does.
+    pub renamed: Vec<(String, String)>,
     /// "METHOD path [range=..] [auth=...]" per request.
     pub log: Vec<String>,
 }
@@ -350,6 +353,17 @@ fn route(
     if let Some(tok) = &s.token {
         if auth != Some(&format!("Bearer {tok}")) {
             return error(401, "RepositoryNotFound");
+        }
+    }
+    for (old, new) in &s.renamed {
+        for prefix in ["/api/models/", "/"] {
+            if let Some(rest) = path.strip_prefix(&format!("{prefix}{old}/")) {
+                return answer(
+                    307,
+                    vec![("Location", format!("{prefix}{new}/{rest}"))],
+                    vec![],
+                );
+            }
         }
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
