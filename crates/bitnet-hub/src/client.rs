@@ -317,7 +317,20 @@ impl Hub {
             .map_err(|_| not_cached(r.to_string()))?;
         Ok(match sel {
             Selection::File(f) => rc.snapshot_file(&commit, &f),
-            Selection::Dir(_) => rc.snapshot_dir(&commit),
+            Selection::Dir(_) => {
+                // A pull cut off between shards leaves config.json, the index and some
+                // shards: that snapshot is not a usable copy of the model.
+                if let Some(missing) = missing_shards(&rc.snapshot_dir(&commit), &files) {
+                    return Err(HubError::new(
+                        ErrorKind::NotCached,
+                        format!(
+                            "{r} is only partly in the Hugging Face cache ({}): {missing} missing; finish the download with `bitnet pull {r}` while online",
+                            self.cfg.cache_dir.display()
+                        ),
+                    ));
+                }
+                rc.snapshot_dir(&commit)
+            }
         })
     }
 
@@ -806,6 +819,34 @@ fn safe_repo_path(f: &str) -> bool {
             || p == ".."
             || p.chars().any(|c| c == '\\' || c == ':' || c.is_control())
     })
+}
+
+/// The shards that `model.safetensors.index.json` in `dir` names and `files` lacks, as a
+/// list for a message; `None` when there is no index or every shard is there. An index
+/// that cannot be read counts as missing shards: the loader could not use it either.
+fn missing_shards(dir: &Path, files: &[String]) -> Option<String> {
+    let index = "model.safetensors.index.json";
+    if !files.iter().any(|f| f == index) {
+        return None;
+    }
+    let parsed: Option<serde_json::Value> = std::fs::read(dir.join(index))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let Some(map) = parsed
+        .as_ref()
+        .and_then(|v| v.get("weight_map"))
+        .and_then(|m| m.as_object())
+    else {
+        return Some(format!("a readable {index}"));
+    };
+    let mut missing: Vec<&str> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .filter(|shard| !files.iter().any(|f| f == shard))
+        .collect();
+    missing.sort();
+    missing.dedup();
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 #[cfg(test)]

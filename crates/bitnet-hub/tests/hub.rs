@@ -423,6 +423,64 @@ fn offline_mode_uses_only_the_cache() {
 }
 
 #[test]
+fn a_sharded_model_cached_without_all_its_shards_is_not_used() {
+    let file = |name: &str, data: &[u8], lfs: bool| support::RepoFile {
+        name: name.into(),
+        data: data.to_vec(),
+        lfs,
+    };
+    let index = br#"{"metadata":{},"weight_map":{"a.weight":"model-00001-of-00002.safetensors","b.weight":"model-00002-of-00002.safetensors"}}"#;
+    let sharded = support::Repo {
+        id: "test/sharded-hf".into(),
+        commit: HF_COMMIT.into(),
+        files: vec![
+            file("config.json", b"{}", false),
+            file("model.safetensors.index.json", index, false),
+            file("model-00001-of-00002.safetensors", b"shard one", true),
+            file("model-00002-of-00002.safetensors", b"shard two", true),
+        ],
+    };
+    let srv = HubServer::start(vec![sharded]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = HubConfig {
+        endpoint: srv.url.clone(),
+        cache_dir: tmp.path().to_path_buf(),
+        token: None,
+        offline: false,
+        progress: false,
+    };
+    let dir = Hub::new(cfg.clone())
+        .resolve(&r("test/sharded-hf"))
+        .unwrap();
+    // A pull cut off before the second shard.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    cfg.offline = true;
+    let e = Hub::new(cfg.clone())
+        .resolve(&r("test/sharded-hf"))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotCached, "{e}");
+    assert!(
+        e.message.contains("model-00002-of-00002.safetensors")
+            && !e.message.contains("model-00001"),
+        "{e}"
+    );
+    // Online, the missing shard is fetched and the snapshot is whole again.
+    cfg.offline = false;
+    assert_eq!(
+        Hub::new(cfg.clone())
+            .resolve(&r("test/sharded-hf"))
+            .unwrap(),
+        dir
+    );
+    assert_eq!(
+        std::fs::read(dir.join("model-00002-of-00002.safetensors")).unwrap(),
+        b"shard two"
+    );
+    cfg.offline = true;
+    assert_eq!(Hub::new(cfg).resolve(&r("test/sharded-hf")).unwrap(), dir);
+}
+
+#[test]
 fn without_network_the_cache_is_reused_and_otherwise_the_error_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let path = {
