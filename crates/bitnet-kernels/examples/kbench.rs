@@ -6,8 +6,9 @@
 //!   AVX2 kernel with activations 16 bytes past a cache line (the engine aligns them);
 //! - `peak`: the core's AVX2 int8 ceiling (hand-scheduled `vpmaddubsw` + `vpaddw`), the
 //!   compute bound of the ternary GEMM on AVX2;
-//! - the output head (128256 x 2560): F16 one row per call (previous), F16 four rows per call,
-//!   and the Q8_0 requantized head;
+//! - the output head (128256 x 2560): F16 one row per call on rayon (the first version) and on
+//!   the pool, `matmul_f16` for every ISA (one row at a time since four rows side by side
+//!   were slower on Zen 4), and the Q8_0 requantized head;
 //! - TQ1_0 blocks used as stored (`tq1`) next to the 2-bit layout of the same shape;
 //! - per-call dispatch cost of the worker pool against rayon.
 //!

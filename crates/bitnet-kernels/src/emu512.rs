@@ -11,6 +11,11 @@ pub struct __m256i([u8; 32]);
 #[derive(Clone, Copy)]
 pub struct __m512([f32; 16]);
 
+pub const _MM_HINT_T0: i32 = 3;
+
+/// A hint with no effect on results: nothing to emulate.
+pub unsafe fn _mm_prefetch<const STRATEGY: i32>(_p: *const i8) {}
+
 impl __m512i {
     fn i16(&self, i: usize) -> i16 {
         i16::from_le_bytes([self.0[2 * i], self.0[2 * i + 1]])

@@ -377,9 +377,22 @@ pub fn gemm_rows(
             // SAFETY: as above, for AVX-512 F/BW/VNNI.
             unsafe {
                 match (n_tok < 4, tq2) {
-                    // Decode: one sequential weight stream, as for AVX2.
-                    (true, false) => avx512_drive!(avx512, 1, false, w, q, qsum, n_tok, rows, out),
-                    (true, true) => avx512_drive!(avx512, 1, true, w, q, qsum, n_tok, rows, out),
+                    // Decode: one row at a time, one sequential weight stream, as for AVX2.
+                    (true, _) => {
+                        let nb = w.kp / BLOCK;
+                        for r in rows {
+                            let row = w.row(r).as_ptr();
+                            for t in 0..n_tok {
+                                let tok = q.as_ptr().add(t * w.kp);
+                                let s = if tq2 {
+                                    avx512::gemv::<true>(row, tok, nb)
+                                } else {
+                                    avx512::gemv::<false>(row, tok, nb)
+                                };
+                                out[t * w.rows + r] = s - qsum[t];
+                            }
+                        }
+                    }
                     (false, false) => avx512_drive!(avx512, 4, false, w, q, qsum, n_tok, rows, out),
                     (false, true) => avx512_drive!(avx512, 4, true, w, q, qsum, n_tok, rows, out),
                 }
@@ -815,8 +828,48 @@ macro_rules! avx512_tile {
             }
             out
         }
+
+        /// `sum c*q` for one row and one token (decoding): the tile's unpacking, two blocks
+        /// per step into four accumulators (`tile::<1, 1>` chains two `vpdpbusd` per block on
+        /// one register and waits on their latency), and a software prefetch a fixed distance
+        /// ahead in the row, as the AVX2 GEMV.
+        $(#[$attr])*
+        pub unsafe fn gemv<const TQ2: bool>(w: *const u8, q: *const i8, nb: usize) -> i32 {
+            let mask = _mm512_set1_epi8(3);
+            let (sa, sb) = if TQ2 { (&SHIFT_A_TQ2, &SHIFT_B_TQ2) } else { (&SHIFT_A, &SHIFT_B) };
+            let sa = _mm512_loadu_si512(sa.as_ptr() as *const _);
+            let sb = _mm512_loadu_si512(sb.as_ptr() as *const _);
+            let mut acc = [_mm512_setzero_si512(); 4];
+            let mut b = 0;
+            while b < nb {
+                let at = super::block_offset::<TQ2>(b);
+                if super::GEMV_PREFETCH > 0 {
+                    // Past the row's end this only touches a line nobody needs.
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(at + super::GEMV_PREFETCH) as *const i8);
+                }
+                for u in 0..2.min(nb - b) {
+                    let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        w.add(super::block_offset::<TQ2>(b + u)) as *const __m256i,
+                    ));
+                    let c01 = _mm512_and_si512(_mm512_srlv_epi16(wb, sa), mask);
+                    let c23 = _mm512_and_si512(_mm512_srlv_epi16(wb, sb), mask);
+                    let qa = _mm512_loadu_si512(q.add(128 * (b + u)) as *const _);
+                    let qb = _mm512_loadu_si512(q.add(128 * (b + u) + 64) as *const _);
+                    acc[2 * u] = _mm512_dpbusd_epi32(acc[2 * u], c01, qa);
+                    acc[2 * u + 1] = _mm512_dpbusd_epi32(acc[2 * u + 1], c23, qb);
+                }
+                b += 2;
+            }
+            _mm512_reduce_add_epi32(_mm512_add_epi32(
+                _mm512_add_epi32(acc[0], acc[1]),
+                _mm512_add_epi32(acc[2], acc[3]),
+            ))
+        }
     };
 }
+
+/// How far ahead, in bytes, the AVX-512 GEMV prefetches its row (0 = off).
+const GEMV_PREFETCH: usize = 1024;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -1051,18 +1104,32 @@ pub(crate) mod tests {
     fn avx512_tile_logic_matches_the_naive_sum_emulated() {
         for c in cases() {
             let (w, tq2) = (c.view(), c.layout == Layout::Tq2);
-            // Both configurations `gemm_rows` uses: 4x4 tiles (prompts) and one row at a time
-            // (decode).
-            for config in 0..2 {
+            // The three configurations: 4x4 tiles (prompts, what `gemm_rows` uses), one row
+            // at a time through the tiles, and the GEMV (decode, what `gemm_rows` uses).
+            for config in 0..3 {
                 let mut got = vec![0i32; c.n_tok * c.rows];
                 let (q, qsum, n, rows, out) = (&c.q, &c.qsum, c.n_tok, 0..c.rows, &mut got);
-                // SAFETY: the emulated tiles are plain Rust; sizes are consistent.
+                // SAFETY: the emulated kernels are plain Rust; sizes are consistent.
                 unsafe {
                     match (config, tq2) {
                         (0, false) => avx512_drive!(avx512_emu, 4, false, w, q, qsum, n, rows, out),
                         (0, true) => avx512_drive!(avx512_emu, 4, true, w, q, qsum, n, rows, out),
-                        (_, false) => avx512_drive!(avx512_emu, 1, false, w, q, qsum, n, rows, out),
-                        (_, true) => avx512_drive!(avx512_emu, 1, true, w, q, qsum, n, rows, out),
+                        (1, false) => avx512_drive!(avx512_emu, 1, false, w, q, qsum, n, rows, out),
+                        (1, true) => avx512_drive!(avx512_emu, 1, true, w, q, qsum, n, rows, out),
+                        _ => {
+                            let nb = w.kp / BLOCK;
+                            for r in rows {
+                                for t in 0..n {
+                                    let (row, tok) = (w.row(r).as_ptr(), q.as_ptr().add(t * w.kp));
+                                    let s = if tq2 {
+                                        avx512_emu::gemv::<true>(row, tok, nb)
+                                    } else {
+                                        avx512_emu::gemv::<false>(row, tok, nb)
+                                    };
+                                    out[t * w.rows + r] = s - qsum[t];
+                                }
+                            }
+                        }
                     }
                 };
                 assert_eq!(
