@@ -805,6 +805,16 @@ macro_rules! avx512_tile {
                 let mut c01 = [_mm512_setzero_si512(); R];
                 let mut c23 = [_mm512_setzero_si512(); R];
                 for i in 0..R {
+                    if R > 1 && b % 2 == 0 {
+                        // R rows side by side are R interleaved streams, which Zen 4's
+                        // prefetchers follow poorly when the weights come from memory (a few
+                        // tokens: batched decoding, short prompts; pp4-pp16 5-20% faster).
+                        // Past a row's end this only touches a line nobody needs.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w[i].wrapping_add(super::block_offset::<TQ2>(b) + super::GEMV_PREFETCH)
+                                as *const i8,
+                        );
+                    }
                     let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
                         w[i].add(super::block_offset::<TQ2>(b)) as *const __m256i,
                     ));
