@@ -472,6 +472,12 @@ fn main() {
                     let t = time(|| matmul_f16(isa, &f16, rows, cols, &x, 1, &mut out), 1.0);
                     line(threads, &name, &format!("f16 {}", isa.name()), t, f16.len(), macs, &mut base);
                 }
+                // Eight tokens at once (serve's batched steps): per-token cost against one.
+                let x8: Vec<f32> = x.iter().cycle().take(8 * cols).copied().collect();
+                let mut out8 = vec![0f32; 8 * rows];
+                let isa = Isa::detect();
+                let t = time(|| matmul_f16(isa, &f16, rows, cols, &x8, 8, &mut out8), 1.0);
+                line(threads, &name, "f16 8 tokens", t, f16.len(), 8 * macs, &mut base);
                 let q8 = Q8Matrix::from_rows(rows, cols, |r, o| {
                     for (c, v) in o.iter_mut().enumerate() {
                         *v = half::f16::from_le_bytes([f16[2 * (r * cols + c)], f16[2 * (r * cols + c) + 1]]).to_f32();
