@@ -674,6 +674,19 @@ impl Hub {
                 have = 0;
                 continue;
             }
+            let from_hub = url.starts_with(&self.cfg.endpoint) && url.contains("/resolve/");
+            if !from_hub && matches!(status.as_u16(), 401 | 403) {
+                // The Hub's file server (a signed link the Hub handed out) refused: an expired
+                // link or a proxy, not a token problem.
+                return Err(HubError::new(
+                    ErrorKind::Network,
+                    format!(
+                        "the file server {} refused {file} of {}@{commit} ({status}): the signed download link may have expired or a proxy blocks it; run the command again",
+                        origin(&url),
+                        rc.repo
+                    ),
+                ));
+            }
             if !status.is_success() {
                 return Err(self.status_error(&r, &rc.repo, commit, Some(file)));
             }
@@ -698,7 +711,12 @@ impl Hub {
         let Some(resp) = resp else {
             return Err(HubError::new(
                 ErrorKind::Protocol,
-                format!("too many redirects downloading {file} of {}", rc.repo),
+                // (A 416 or a misplaced 206 restarts from zero once, without a range: only
+                // redirects can use up the tries.)
+                format!(
+                    "too many redirects downloading {file} of {}@{commit}",
+                    rc.repo
+                ),
             ));
         };
 

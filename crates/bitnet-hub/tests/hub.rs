@@ -290,6 +290,27 @@ fn a_body_longer_than_announced_is_refused() {
     assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
 }
 
+/// A 403 from the file server the Hub redirects to (an expired signed link) is not a token
+/// problem: the error says to run again and does not send the user to HF_TOKEN.
+#[test]
+fn a_refusal_by_the_file_server_is_not_reported_as_a_token_problem() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = hub(&srv.url, tmp.path());
+    srv.state.lock().unwrap().cdn_forbidden = true;
+    let e = h.resolve(&r("test/tiny-gguf:i2_s")).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Network, "{e}");
+    assert!(
+        e.message.contains("file server")
+            && e.message.contains("run the command again")
+            && !e.message.contains("HF_TOKEN"),
+        "{e}"
+    );
+    srv.state.lock().unwrap().cdn_forbidden = false;
+    let p = h.resolve(&r("test/tiny-gguf:i2_s")).unwrap();
+    assert!(same_bytes(&p, &data("gguf/tiny-i2_s.gguf")));
+}
+
 #[test]
 fn a_checksum_mismatch_keeps_the_partial_file_and_never_uses_it() {
     let srv = server();

@@ -71,6 +71,8 @@ pub struct State {
     pub corrupt: bool,
     /// Serve LFS files with this many bytes more than their size (a runaway body).
     pub overlong: usize,
+    /// The CDN answers 403, as an expired signed link does.
+    pub cdn_forbidden: bool,
     /// Renamed repositories, (old id, new id): their API and resolve URLs answer 307 with a
     /// relative Location under the new id, as the Hub does.
     pub renamed: Vec<(String, String)>,
@@ -300,6 +302,9 @@ fn route(
     let mut s = state.lock().unwrap();
     let path = target.split('?').next().unwrap_or("");
     if let Some(sha) = path.strip_prefix("/cdn-lfs/") {
+        if s.cdn_forbidden {
+            return answer(403, vec![], b"Request has expired".to_vec());
+        }
         let Some(f) = s
             .repos
             .iter()
