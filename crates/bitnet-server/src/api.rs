@@ -833,11 +833,24 @@ pub async fn completions(State(st): State<SharedState>, body: Body) -> Response 
     let logprobs = req.logprobs.map(|_| {
         let (mut toks, mut lpv, mut tops, mut offs) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut off = echo.len();
+        // `text_offset` counts characters of the returned text, as OpenAI's (Python string
+        // indices): token t starts after the bytes of the echo and the tokens before it, and
+        // that byte offset is turned into characters of `echo + text` (down to a character
+        // boundary when a token ends inside one; clamped where a stop string was cut off).
+        let full = format!("{echo}{text}");
+        let (mut byte, mut seen, mut chars) = (echo.len(), 0, 0);
         for (t, lp) in &lps {
             let (s, l, top) = legacy_lp(&tok, *t, lp);
-            offs.push(off);
-            off += s.len();
+            let mut at = byte.min(full.len());
+            while !full.is_char_boundary(at) {
+                at -= 1;
+            }
+            if at > seen {
+                chars += full[seen..at].chars().count();
+                seen = at;
+            }
+            offs.push(chars);
+            byte += tok.token_bytes(*t).len();
             toks.push(s);
             lpv.push(l);
             tops.push(top);

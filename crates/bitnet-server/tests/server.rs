@@ -207,6 +207,39 @@ fn endpoints() {
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     assert!(content[0]["logprob"].as_f64().unwrap() <= 0.0);
 
+    // Completions logprobs: `text_offset` counts characters of the returned text (echo
+    // included), not bytes: each offset is where that token's text starts.
+    let prompt = "é€ Ünïcödé";
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": true, "logprobs": 1}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let text: Vec<char> = v["choices"][0]["text"].as_str().unwrap().chars().collect();
+    let lp = &v["choices"][0]["logprobs"];
+    let offs: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    let toks: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(offs.len(), 6);
+    assert_eq!(offs[0], prompt.chars().count(), "{v}");
+    for (i, t) in toks.iter().enumerate() {
+        // A token that is whole UTF-8 sits at its offset in the text.
+        if !t.contains('\u{fffd}') && offs[i] + t.chars().count() <= text.len() {
+            let at: String = text[offs[i]..offs[i] + t.chars().count()].iter().collect();
+            assert_eq!(&at, t, "token {i} at {}: {v}", offs[i]);
+        }
+    }
+
     // Completions: token-array prompt, greedy, stop sequence, streaming equals non-streaming.
     let (st, v) = post(
         &s,
