@@ -318,9 +318,10 @@ impl Hub {
         Ok(match sel {
             Selection::File(f) => rc.snapshot_file(&commit, &f),
             Selection::Dir(_) => {
+                let dir = rc.snapshot_dir(&commit);
                 // A pull cut off between shards leaves config.json, the index and some
                 // shards: that snapshot is not a usable copy of the model.
-                if let Some(missing) = missing_shards(&rc.snapshot_dir(&commit), &files) {
+                if let Some(missing) = missing_shards(&dir, &files) {
                     return Err(HubError::new(
                         ErrorKind::NotCached,
                         format!(
@@ -329,7 +330,7 @@ impl Hub {
                         ),
                     ));
                 }
-                rc.snapshot_dir(&commit)
+                dir
             }
         })
     }

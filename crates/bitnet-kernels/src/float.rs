@@ -354,15 +354,8 @@ pub fn dot_f16_scalar(row: &[u8], x: &[f32]) -> f32 {
 /// Dot product of an f16 row with x, using F16C + FMA when `isa` allows it.
 pub fn dot_f16(isa: Isa, row: &[u8], x: &[f32]) -> f32 {
     assert!(row.len() >= 2 * x.len());
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if has_f16c() => unsafe {
-            dot_f16_avx2::<1>(row.as_ptr(), &[x.as_ptr()], x.len())[0]
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe { avx512::dot_f16::<1>(row.as_ptr(), &[x.as_ptr()], x.len())[0] },
-        _ => dot_f16_scalar(row, x),
-    }
+    // SAFETY: the row holds x.len() f16 values (checked above).
+    unsafe { dot_f16_tokens::<1>(isa, row.as_ptr(), &[x.as_ptr()], x.len())[0] }
 }
 
 /// One f16 row dotted with T inputs of `n` values: each chunk of the row is converted once for
@@ -398,15 +391,16 @@ const F16_TOKENS: usize = 2;
 
 /// Rows per chunk of the f16 head with several tokens: the chunk (320 KB for 2B4T) comes from
 /// memory once and from L2 for each later pair of tokens. (`kbench head`, eight tokens, one
-/// thread on Zen 4: 170-203 ms with one row against every token in turn, 140-144 ms so.)
+/// thread on Zen 4: 170-203 ms with one row against every token in turn, 140-150 ms so.)
 const F16_ROW_CHUNK: usize = 64;
 
 /// `out[t * rows + r] = row_r . x_t` for a row-major little-endian f16 matrix (`data`:
 /// `rows * cols * 2` bytes) and `n_tok` inputs of `cols` values: the F16 output head. Rows are
-/// split over the worker pool and read one after another, each against every input while it
-/// is in L1: one sequential stream from memory. (Four rows side by side, sharing the input
-/// loads, read 14 GB/s on a Zen 4 core where one row at a time reads 23: four interleaved
-/// 5 KB streams are too many for its prefetchers; the Q8_0 and Q6_K heads found the same.)
+/// split over the worker pool and read one after another: one sequential stream from memory.
+/// (Four rows side by side, sharing the input loads, read 14 GB/s on a Zen 4 core where one
+/// row at a time reads 23: four interleaved 5 KB streams are too many for its prefetchers; the
+/// Q8_0 and Q6_K heads found the same.) Several inputs pass over chunks of
+/// [`F16_ROW_CHUNK`] rows two at a time ([`F16_TOKENS`]).
 pub fn matmul_f16(
     isa: Isa,
     data: &[u8],

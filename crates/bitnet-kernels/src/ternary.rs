@@ -378,21 +378,10 @@ pub fn gemm_rows(
             unsafe {
                 match (n_tok < 4, tq2) {
                     // Decode: one row at a time, one sequential weight stream, as for AVX2.
-                    (true, _) => {
-                        let nb = w.kp / BLOCK;
-                        for r in rows {
-                            let row = w.row(r).as_ptr();
-                            for t in 0..n_tok {
-                                let tok = q.as_ptr().add(t * w.kp);
-                                let s = if tq2 {
-                                    avx512::gemv::<true>(row, tok, nb)
-                                } else {
-                                    avx512::gemv::<false>(row, tok, nb)
-                                };
-                                out[t * w.rows + r] = s - qsum[t];
-                            }
-                        }
+                    (true, false) => {
+                        drive_gemv(avx512::gemv::<false>, w, q, qsum, n_tok, rows, out)
                     }
+                    (true, true) => drive_gemv(avx512::gemv::<true>, w, q, qsum, n_tok, rows, out),
                     (false, false) => avx512_drive!(avx512, 4, false, w, q, qsum, n_tok, rows, out),
                     (false, true) => avx512_drive!(avx512, 4, true, w, q, qsum, n_tok, rows, out),
                 }
@@ -416,6 +405,31 @@ pub(crate) fn gemm_rows_scalar(
         let row = w.row(r);
         for t in 0..n_tok {
             out[t * w.rows + r] = dot_scalar(code, row, &q[t * w.kp..(t + 1) * w.kp]);
+        }
+    }
+}
+
+/// A kernel computing `sum c*q` for one row and one token over `nb` blocks.
+type Gemv = unsafe fn(*const u8, *const i8, usize) -> i32;
+
+/// The loop around a one-row, one-token kernel (decoding): each row once, against every token.
+///
+/// # Safety
+/// The kernel must be runnable on this CPU; `w`, `q`, `out` sizes as checked by `gemm_rows`.
+unsafe fn drive_gemv(
+    gemv: Gemv,
+    w: TernaryView,
+    q: &[i8],
+    qsum: &[i32],
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [i32],
+) {
+    let nb = w.kp / BLOCK;
+    for r in rows {
+        let row = w.row(r).as_ptr();
+        for t in 0..n_tok {
+            out[t * w.rows + r] = gemv(row, q.as_ptr().add(t * w.kp), nb) - qsum[t];
         }
     }
 }
@@ -1126,20 +1140,10 @@ pub(crate) mod tests {
                         (0, true) => avx512_drive!(avx512_emu, 4, true, w, q, qsum, n, rows, out),
                         (1, false) => avx512_drive!(avx512_emu, 1, false, w, q, qsum, n, rows, out),
                         (1, true) => avx512_drive!(avx512_emu, 1, true, w, q, qsum, n, rows, out),
-                        _ => {
-                            let nb = w.kp / BLOCK;
-                            for r in rows {
-                                for t in 0..n {
-                                    let (row, tok) = (w.row(r).as_ptr(), q.as_ptr().add(t * w.kp));
-                                    let s = if tq2 {
-                                        avx512_emu::gemv::<true>(row, tok, nb)
-                                    } else {
-                                        avx512_emu::gemv::<false>(row, tok, nb)
-                                    };
-                                    out[t * w.rows + r] = s - qsum[t];
-                                }
-                            }
+                        (_, false) => {
+                            drive_gemv(avx512_emu::gemv::<false>, w, q, qsum, n, rows, out)
                         }
+                        (_, true) => drive_gemv(avx512_emu::gemv::<true>, w, q, qsum, n, rows, out),
                     }
                 };
                 assert_eq!(
