@@ -488,6 +488,10 @@ fn main() {
                     let t = time(|| q8.matmul(isa, &x, 1, &mut out), 1.0);
                     line(threads, &name, &format!("q8_0 {}", isa.name()), t, q8.bytes(), macs, &mut base);
                 }
+                for &isa in &isas[1..] {
+                    let t = time(|| q8.matmul(isa, &x8, 8, &mut out8), 1.0);
+                    line(threads, &name, &format!("q8_0 8 tok {}", isa.name()), t, q8.bytes(), 8 * macs, &mut base);
+                }
             }
         });
     }

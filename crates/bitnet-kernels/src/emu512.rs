@@ -120,6 +120,46 @@ pub unsafe fn _mm512_loadu_ps(p: *const f32) -> __m512 {
     __m512(std::ptr::read_unaligned(p as *const [f32; 16]))
 }
 
+/// Only the lanes whose mask bit is set are read (no fault past them); the others are zero.
+pub unsafe fn _mm512_maskz_loadu_ps(k: u16, p: *const f32) -> __m512 {
+    __m512(std::array::from_fn(|i| {
+        if k >> i & 1 == 1 {
+            *p.add(i)
+        } else {
+            0.0
+        }
+    }))
+}
+
+/// Lane i of the result is lane `idx[i] & 15` of a.
+pub unsafe fn _mm512_permutexvar_ps(idx: __m512i, a: __m512) -> __m512 {
+    __m512(std::array::from_fn(|i| a.0[(idx.i32(i) & 15) as usize]))
+}
+
+/// Lane i is lane `idx[i] & 15` of a where mask bit i is set, zero elsewhere.
+pub unsafe fn _mm512_maskz_permutexvar_epi32(k: u16, idx: __m512i, a: __m512i) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    for i in (0..16).filter(|i| k >> i & 1 == 1) {
+        r.set_i32(i, a.i32((idx.i32(i) & 15) as usize));
+    }
+    r
+}
+
+/// The 256 bits in the low half, zeros above.
+pub unsafe fn _mm512_zextsi256_si512(a: __m256i) -> __m512i {
+    let mut r = [0u8; 64];
+    r[..32].copy_from_slice(&a.0);
+    __m512i(r)
+}
+
+/// a with its 256-bit half number IMM8 (0 low, 1 high) replaced by b.
+pub unsafe fn _mm512_inserti64x4<const IMM8: i32>(a: __m512i, b: __m256i) -> __m512i {
+    let mut r = a;
+    let at = 32 * (IMM8 as usize & 1);
+    r.0[at..at + 32].copy_from_slice(&b.0);
+    r
+}
+
 /// Sixteen f16 values (little-endian, in a 256-bit register) to f32.
 pub unsafe fn _mm512_cvtph_ps(a: __m256i) -> __m512 {
     __m512(std::array::from_fn(|i| {
@@ -176,6 +216,32 @@ mod tests {
             assert_eq!(s.u16(1), 0);
             assert_eq!(s.u16(2), a.u16(2));
             assert_eq!(_mm512_reduce_add_epi32(_mm512_set1_epi32(-3)), -48);
+            let f = __m512(std::array::from_fn(|i| i as f32 * 2.0));
+            let m = _mm512_maskz_loadu_ps(0b101, f.0.as_ptr());
+            assert_eq!(&m.0[..4], &[0.0, 0.0, 4.0, 0.0]);
+            let p = _mm512_permutexvar_ps(_mm512_set1_epi32(16 + 3), f);
+            assert_eq!(p.0, [6.0; 16]);
+            let half = __m256i([7; 32]);
+            let z = _mm512_zextsi256_si512(half);
+            assert_eq!((z.0[31], z.0[32]), (7, 0));
+            let idx = __m512i(std::array::from_fn(|i| {
+                if i % 4 == 0 {
+                    (15 - i / 4) as u8
+                } else {
+                    0
+                }
+            }));
+            let ints = __m512i(std::array::from_fn(|i| {
+                if i % 4 == 0 {
+                    (i / 4 * 3) as u8
+                } else {
+                    0
+                }
+            }));
+            let pm = _mm512_maskz_permutexvar_epi32(0b10, idx, ints);
+            assert_eq!((pm.i32(0), pm.i32(1), pm.i32(2)), (0, 14 * 3, 0));
+            let hi = _mm512_inserti64x4::<1>(z, __m256i([9; 32]));
+            assert_eq!((hi.0[0], hi.0[63]), (7, 9));
         }
     }
 }

@@ -110,13 +110,18 @@ impl Q8Matrix {
         let (rows, cols, cp, nb) = (self.rows, self.cols, self.cp, self.cp / QK);
         assert!(x.len() >= n_tok * cols && out.len() >= n_tok * rows);
         let avx2 = isa != Isa::Scalar && has_f16c();
-        with_quantized_input(x, n_tok, cols, |xq, xd| {
+        with_quantized_input(x, n_tok, cols, |input| {
             par_row_tokens(rows, n_tok, out, |r, t| {
                 let (w, wd) = (
                     &self.qs[r * cp..(r + 1) * cp],
                     &self.d[r * nb..(r + 1) * nb],
                 );
-                let (xt, dt) = (&xq[t * cp..(t + 1) * cp], &xd[t * nb..(t + 1) * nb]);
+                let (xt, dt, it) = input.token(t);
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Vnni {
+                    // SAFETY: a row of nb blocks and scales; the input padded as dot_q8 needs.
+                    return unsafe { avx512::dot_q8(w.as_ptr(), wd.as_ptr(), xt, dt, it, nb) };
+                }
                 if avx2 {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: a row of nb blocks and scales; x the same.
@@ -124,37 +129,75 @@ impl Q8Matrix {
                         dot_avx2(w.as_ptr(), wd.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb)
                     };
                 }
-                dot_scalar(w, wd, xt, dt)
+                dot_scalar(w, wd, &xt[..cp], &dt[..nb])
             })
         });
     }
 }
 
-/// Quantize `n_tok` inputs of `cols` values per 32-block (padded to whole blocks with zeros)
-/// into a per-thread buffer and run `f(xq, xd)` on it.
+/// Blocks per group of the AVX-512 kernels: one 512-bit vector of f32 scales.
+const GROUP: usize = 16;
+
+/// Inputs quantized per 32-block for the product kernels. Each token's part is padded with
+/// zeros to whole groups of 16 blocks, so the AVX-512 kernels load whole vectors past a row's
+/// last block without reading another token's values.
+struct QuantInput<'a> {
+    /// int8 codes, `nbp * 32` per token.
+    xq: &'a [i8],
+    /// Block scales, `nbp` per token.
+    xd: &'a [f32],
+    /// For the AVX-512 kernels, `-128 *` the sum of each block's codes: what `vpdpbusd` over
+    /// the weights offset by +128 (unsigned) adds to the block's sum.
+    xsum: &'a [i32],
+    /// Blocks per token, padded to whole groups.
+    nbp: usize,
+}
+
+impl QuantInput<'_> {
+    fn token(&self, t: usize) -> (&[i8], &[f32], &[i32]) {
+        let n = self.nbp;
+        (
+            &self.xq[t * n * QK..(t + 1) * n * QK],
+            &self.xd[t * n..(t + 1) * n],
+            &self.xsum[t * n..(t + 1) * n],
+        )
+    }
+}
+
+/// Quantize `n_tok` inputs of `cols` values per 32-block (padded as [`QuantInput`] says) into a
+/// per-thread buffer and run `f` on it.
 fn with_quantized_input<R>(
     x: &[f32],
     n_tok: usize,
     cols: usize,
-    f: impl FnOnce(&[i8], &[f32]) -> R,
+    f: impl FnOnce(&QuantInput) -> R,
 ) -> R {
+    type Buffers = (Vec<i8>, Vec<f32>, Vec<i32>);
     thread_local! {
-        static XQ: RefCell<(Vec<i8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        static XQ: RefCell<Buffers> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     }
-    let (cp, nb) = (cols.div_ceil(QK) * QK, cols.div_ceil(QK));
+    let nb = cols.div_ceil(QK);
+    let nbp = nb.div_ceil(GROUP) * GROUP;
     XQ.with(|buf| {
         let mut buf = buf.borrow_mut();
-        let (xq, xd) = &mut *buf;
-        xq.resize(n_tok * cp, 0);
-        xd.resize(n_tok * nb, 0.0);
+        let (xq, xd, xsum) = &mut *buf;
+        // Padding must be zero: clear what an earlier call left.
+        xq.clear();
+        xq.resize(n_tok * nbp * QK, 0);
+        xd.clear();
+        xd.resize(n_tok * nbp, 0.0);
+        xsum.clear();
+        xsum.resize(n_tok * nbp, 0);
         for t in 0..n_tok {
             let xt = &x[t * cols..(t + 1) * cols];
             for b in 0..nb {
                 let blk = &xt[(b * QK).min(cols)..((b + 1) * QK).min(cols)];
-                xd[t * nb + b] = quantize_block(blk, &mut xq[t * cp + b * QK..][..QK]);
+                let q = &mut xq[(t * nbp + b) * QK..][..QK];
+                xd[t * nbp + b] = quantize_block(blk, q);
+                xsum[t * nbp + b] = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
             }
         }
-        f(xq, xd)
+        f(&QuantInput { xq, xd, xsum, nbp })
     })
 }
 
@@ -179,16 +222,21 @@ pub fn matmul_ggml(
     assert!(data.len() >= rows * row_bytes);
     assert!(x.len() >= n_tok * cols && out.len() >= n_tok * rows);
     let avx2 = isa != Isa::Scalar && has_f16c();
-    with_quantized_input(x, n_tok, cols, |xq, xd| {
+    with_quantized_input(x, n_tok, cols, |input| {
         par_row_tokens(rows, n_tok, out, |r, t| {
             let row = &data[r * row_bytes..(r + 1) * row_bytes];
-            let (xt, dt) = (&xq[t * cols..(t + 1) * cols], &xd[t * nb..(t + 1) * nb]);
+            let (xt, dt, it) = input.token(t);
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512Vnni {
+                // SAFETY: a row of nb blocks; the input padded as dot_ggml needs.
+                return unsafe { avx512::dot_ggml(row.as_ptr(), xt, dt, it, nb) };
+            }
             if avx2 {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: a row of nb blocks; x of nb blocks and scales.
                 return unsafe { dot_ggml_avx2(row.as_ptr(), xt.as_ptr(), dt.as_ptr(), nb) };
             }
-            dot_ggml_scalar(row, xt, dt)
+            dot_ggml_scalar(row, &xt[..cols], &dt[..nb])
         })
     })
 }
@@ -286,6 +334,152 @@ unsafe fn dot_avx2(w: *const i8, wd: *const f32, xq: *const i8, xd: *const f32, 
     dot_blocks_avx2(nb, xq, |b| w.add(QK * b), |b| *wd.add(b) * *xd.add(b))
 }
 
+/// The AVX-512 VNNI products of one row and one quantized input ([`QuantInput::token`]), for
+/// a [`Q8Matrix`] row (`dot_q8`) and a row of ggml's stored blocks (`dot_ggml`). Written once
+/// and instantiated with the real intrinsics and, in tests, with the emulated ones.
+///
+/// Two blocks per step: `vpdpbusd` multiplies the weights flipped to unsigned (`w ^ 0x80` =
+/// `w + 128`) by the signed input codes, starting from `-128 * sum(x)` of each block in the
+/// block's first lane, so the block's eight i32 lanes add up to its exact integer sum (every
+/// partial sum stays far inside i32). The lanes are converted to f32 and multiplied by their
+/// block's combined scale. Both per-block values are picked out of the group's 16 by one
+/// permute index. Scales past the row's last block load as zero, and the
+/// input is zero there, so a last odd block needs no separate path.
+macro_rules! avx512_q8 {
+    ($(#[$attr:meta])*) => {
+        use super::{GROUP, GGML_BLOCK_BYTES, QK};
+
+        /// The permute indices of the k-th pair of a group: lanes 0-7 take the scale of block
+        /// 2k, lanes 8-15 that of block 2k + 1.
+        static PAIR_SCALE: [[i32; 16]; GROUP / 2] = {
+            let mut t = [[0; 16]; GROUP / 2];
+            let mut k = 0;
+            while k < GROUP / 2 {
+                let mut l = 0;
+                while l < 16 {
+                    t[k][l] = (2 * k + l / 8) as i32;
+                    l += 1;
+                }
+                k += 1;
+            }
+            t
+        };
+
+        /// The shared loop: `pair(b, both)` loads blocks b and b + 1 (only b, upper half zero,
+        /// when `both` is false); `scales(g, n)` the combined scales of the n (1 to 16) blocks
+        /// of group g, zero in the lanes past n.
+        #[inline(always)]
+        unsafe fn dot_pairs(
+            nb: usize,
+            xq: &[i8],
+            xsum: &[i32],
+            pair: impl Fn(usize, bool) -> __m512i,
+            scales: impl Fn(usize, usize) -> __m512,
+        ) -> f32 {
+            debug_assert!(xq.len() >= nb.div_ceil(GROUP) * GROUP * QK);
+            debug_assert!(xsum.len() * QK >= xq.len());
+            let flip = _mm512_set1_epi8(-128);
+            // The first lane of each block (0 and 8) takes the block's -128 * sum(x).
+            const FIRST_LANES: u16 = 0x0101;
+            let step = |b: usize, both: bool, s: __m512, c: __m512i, k: usize, acc: __m512| {
+                let w = _mm512_xor_si512(pair(b, both), flip);
+                let idx = _mm512_loadu_si512(PAIR_SCALE[k].as_ptr() as *const _);
+                let init = _mm512_maskz_permutexvar_epi32(FIRST_LANES, idx, c);
+                let x = _mm512_loadu_si512(xq.as_ptr().add(b * QK) as *const _);
+                let sums = _mm512_dpbusd_epi32(init, w, x);
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(idx, s), acc)
+            };
+            let corrections = |g: usize| _mm512_loadu_si512(xsum.as_ptr().add(g * GROUP) as *const _);
+            // Whole groups with the pair index known at compile time, so the four accumulators
+            // stay in registers; then the last, partial group.
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let whole = nb / GROUP;
+            for g in 0..whole {
+                let (s, c) = (scales(g, GROUP), corrections(g));
+                for k in 0..GROUP / 2 {
+                    acc[k % 4] = step(g * GROUP + 2 * k, true, s, c, k, acc[k % 4]);
+                }
+            }
+            let n = nb - whole * GROUP;
+            if n > 0 {
+                let (s, c) = (scales(whole, n), corrections(whole));
+                for k in 0..n.div_ceil(2) {
+                    acc[0] = step(whole * GROUP + 2 * k, 2 * k + 1 < n, s, c, k, acc[0]);
+                }
+            }
+            let acc = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_reduce_add_ps(acc)
+        }
+
+        /// `n` lanes set.
+        #[inline(always)]
+        fn lanes(n: usize) -> u16 {
+            (((1u32) << n) - 1) as u16
+        }
+
+        /// One [`super::Q8Matrix`] row (`nb` blocks at `w`, scales at `wd`).
+        $(#[$attr])*
+        pub unsafe fn dot_q8(w: *const i8, wd: *const f32, xq: &[i8], xd: &[f32], xsum: &[i32], nb: usize) -> f32 {
+            dot_pairs(
+                nb,
+                xq,
+                xsum,
+                |b, both| {
+                    if both {
+                        _mm512_loadu_si512(w.add(b * QK) as *const _)
+                    } else {
+                        _mm512_zextsi256_si512(_mm256_loadu_si256(w.add(b * QK) as *const __m256i))
+                    }
+                },
+                |g, n| {
+                    let dw = _mm512_maskz_loadu_ps(lanes(n), wd.add(g * GROUP));
+                    _mm512_mul_ps(dw, _mm512_loadu_ps(xd.as_ptr().add(g * GROUP)))
+                },
+            )
+        }
+
+        /// One row of ggml's stored Q8_0 blocks (34 bytes: an f16 scale, 32 codes).
+        $(#[$attr])*
+        pub unsafe fn dot_ggml(row: *const u8, xq: &[i8], xd: &[f32], xsum: &[i32], nb: usize) -> f32 {
+            let codes = |b: usize| _mm256_loadu_si256(row.add(b * GGML_BLOCK_BYTES + 2) as *const __m256i);
+            dot_pairs(
+                nb,
+                xq,
+                xsum,
+                |b, both| {
+                    let lo = _mm512_zextsi256_si512(codes(b));
+                    if both {
+                        _mm512_inserti64x4::<1>(lo, codes(b + 1))
+                    } else {
+                        lo
+                    }
+                },
+                |g, n| {
+                    let mut d = [0u16; GROUP];
+                    for (i, v) in d.iter_mut().enumerate().take(n) {
+                        *v = (row.add((g * GROUP + i) * GGML_BLOCK_BYTES) as *const u16).read_unaligned();
+                    }
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
+                    _mm512_mul_ps(dw, _mm512_loadu_ps(xd.as_ptr().add(g * GROUP)))
+                },
+            )
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    avx512_q8!(#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]);
+}
+
+/// The same kernels over the emulated intrinsics (tests only).
+#[cfg(test)]
+mod avx512_emu {
+    use crate::emu512::*;
+    avx512_q8!();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +540,8 @@ mod tests {
             (13, 100, 3),
             (9, 2560, 1),
             (8, 64, 5),
+            (4, 32 * 17 + 5, 2), // an odd block count past a whole group
+            (3, 32 * 35, 1),
         ] {
             let m: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
             let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.f32()).collect();
@@ -375,6 +571,23 @@ mod tests {
                     );
                 }
             }
+            // The AVX-512 kernel's logic on any CPU, through the emulated intrinsics.
+            let (cp, nb) = (q.cp, q.cp / QK);
+            with_quantized_input(&x, n_tok, cols, |input| {
+                for t in 0..n_tok {
+                    let (xt, dt, it) = input.token(t);
+                    for r in 0..rows {
+                        let (w, wd) = (q.qs[r * cp..].as_ptr(), q.d[r * nb..].as_ptr());
+                        // SAFETY: row r of q; the input as with_quantized_input pads it.
+                        let got = unsafe { avx512_emu::dot_q8(w, wd, xt, dt, it, nb) };
+                        let want = reference[t * rows + r];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (cols as f32).sqrt(),
+                            "emulated avx512: {got} vs {want}"
+                        );
+                    }
+                }
+            });
             let mut row = vec![0f32; cols];
             q.row(rows - 1, &mut row);
             for (a, b) in row.iter().zip(&m[(rows - 1) * cols..]) {
@@ -390,7 +603,13 @@ mod tests {
     #[test]
     fn ggml_q8_0_matmul_agrees_with_the_scalar_twin() {
         let mut rng = Lcg(17);
-        for (rows, cols, n_tok) in [(1, 32, 1), (5, 64, 2), (13, 2560, 3), (8, 96, 4)] {
+        for (rows, cols, n_tok) in [
+            (1, 32, 1),
+            (5, 64, 2),
+            (13, 2560, 3),
+            (8, 96, 4),
+            (3, 32 * 35, 2),
+        ] {
             let mut data = vec![0u8; rows * cols / QK * GGML_BLOCK_BYTES];
             for blk in data.chunks_exact_mut(GGML_BLOCK_BYTES) {
                 let d = half::f16::from_f32(rng.f32() * 0.02);
@@ -402,22 +621,29 @@ mod tests {
             let mut reference = vec![0f32; n_tok * rows];
             matmul_ggml(Isa::Scalar, &data, rows, cols, &x, n_tok, &mut reference);
             let mut bounds = vec![0f64; n_tok * rows];
-            with_quantized_input(&x, n_tok, cols, |xq, xd| {
+            with_quantized_input(&x, n_tok, cols, |input| {
                 for t in 0..n_tok {
+                    let (xq, xd, it) = input.token(t);
                     for r in 0..rows {
                         let (mut exact, mut bound) = (0f64, 0f64);
                         for c in 0..cols {
                             let blk = &data[(r * cols + c) / QK * GGML_BLOCK_BYTES..];
                             let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f64();
                             let w = blk[2 + c % QK] as i8 as f64 * d;
-                            let i = t * cols + c;
-                            let v = w * xq[i] as f64 * xd[i / QK] as f64;
+                            let v = w * xq[c] as f64 * xd[c / QK] as f64;
                             exact += v;
                             bound += v.abs();
                         }
                         let got = reference[t * rows + r] as f64;
                         assert!((got - exact).abs() <= 1e-5 * bound, "{got} vs {exact}");
                         bounds[t * rows + r] = bound;
+                        let row = data[r * cols / QK * GGML_BLOCK_BYTES..].as_ptr();
+                        // SAFETY: row r of data; the input as with_quantized_input pads it.
+                        let emu = unsafe { avx512_emu::dot_ggml(row, xq, xd, it, cols / QK) };
+                        assert!(
+                            ((emu - got as f32).abs() as f64) <= 1e-5 * bound,
+                            "emulated avx512: {emu} vs {got}"
+                        );
                     }
                 }
             });
