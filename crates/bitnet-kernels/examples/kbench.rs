@@ -478,6 +478,8 @@ fn main() {
                 let isa = Isa::detect();
                 let t = time(|| matmul_f16(isa, &f16, rows, cols, &x8, 8, &mut out8), 1.0);
                 line(threads, &name, "f16 8 tokens", t, f16.len(), 8 * macs, &mut base);
+                let t = time(|| matmul_f16(isa, &f16, rows, cols, &x8, 2, &mut out8), 1.0);
+                line(threads, &name, "f16 2 tokens", t, f16.len(), 2 * macs, &mut base);
                 let q8 = Q8Matrix::from_rows(rows, cols, |r, o| {
                     for (c, v) in o.iter_mut().enumerate() {
                         *v = half::f16::from_le_bytes([f16[2 * (r * cols + c)], f16[2 * (r * cols + c) + 1]]).to_f32();

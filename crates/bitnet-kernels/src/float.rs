@@ -400,7 +400,8 @@ const F16_ROW_CHUNK: usize = 64;
 /// (Four rows side by side, sharing the input loads, read 14 GB/s on a Zen 4 core where one
 /// row at a time reads 23: four interleaved 5 KB streams are too many for its prefetchers; the
 /// Q8_0 and Q6_K heads found the same.) Several inputs pass over chunks of
-/// [`F16_ROW_CHUNK`] rows two at a time ([`F16_TOKENS`]).
+/// [`F16_ROW_CHUNK`] rows two at a time ([`F16_TOKENS`]); on AVX-512 in register tiles of
+/// four rows ([`F16_TILE_ROWS`]), which then come from L2 but for the first pass.
 pub fn matmul_f16(
     isa: Isa,
     data: &[u8],
@@ -420,6 +421,13 @@ pub fn matmul_f16(
             let chunk = r0..(r0 + F16_ROW_CHUNK).min(range.end);
             let mut t = 0;
             while t < n_tok {
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Vnni && t + F16_TILE_TOKENS <= n_tok {
+                    // SAFETY: as below; the CPU has AVX-512 F (Isa::Avx512Vnni).
+                    unsafe { f16_tile_rows(data, rows, cols, chunk.clone(), &xp, t, p) };
+                    t += F16_TILE_TOKENS;
+                    continue;
+                }
                 let nt = if t + F16_TOKENS <= n_tok {
                     F16_TOKENS
                 } else {
@@ -446,6 +454,55 @@ pub fn matmul_f16(
             r0 = chunk.end;
         }
     });
+}
+
+/// The AVX-512 register tile of the f16 head with several tokens: [`F16_TILE_ROWS`] rows x
+/// this many inputs. 16 accumulators, 8 converted row and 2 input registers fit the 32 zmm
+/// registers; each loaded input value serves four rows, each converted row value two inputs,
+/// and two inputs (20 KB for 2B4T) stay in L1. `kbench head`, eight tokens, Zen 4: 137-147 ms
+/// with one row at a time, 100 ms so (one thread); 62-72 → 51 ms (two). Four inputs x two rows
+/// measured 125-132 ms (four inputs no longer fit L1).
+const F16_TILE_TOKENS: usize = 2;
+const F16_TILE_ROWS: usize = 4;
+
+/// Tokens `t..t + F16_TILE_TOKENS` against the rows of `chunk`, in AVX-512 tiles of
+/// [`F16_TILE_ROWS`] rows (a last odd row alone), results into `out` (`t * rows + r`).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `data` holds `rows` rows of `cols` f16 values, `xp(t)` `cols` f32;
+/// `out` holds `n_tok * rows` values, and no other thread writes these (t, r) pairs.
+#[cfg(target_arch = "x86_64")]
+unsafe fn f16_tile_rows(
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    chunk: std::ops::Range<usize>,
+    xp: &impl Fn(usize) -> *const f32,
+    t: usize,
+    out: *mut f32,
+) {
+    const T: usize = F16_TILE_TOKENS;
+    let xs: [*const f32; T] = std::array::from_fn(|j| xp(t + j));
+    let row = |r: usize| data[r * cols * 2..(r + 1) * cols * 2].as_ptr();
+    let mut r = chunk.start;
+    while r < chunk.end {
+        if r + F16_TILE_ROWS <= chunk.end {
+            let hp: [*const u8; F16_TILE_ROWS] = std::array::from_fn(|i| row(r + i));
+            let v = avx512::dot_f16_tile::<F16_TILE_ROWS, T>(&hp, &xs, cols);
+            for (i, vr) in v.iter().enumerate() {
+                for (j, &vj) in vr.iter().enumerate() {
+                    *out.add((t + j) * rows + r + i) = vj;
+                }
+            }
+            r += F16_TILE_ROWS;
+        } else {
+            let v = avx512::dot_f16::<T>(row(r), &xs, cols);
+            for (j, &vj) in v.iter().enumerate() {
+                *out.add((t + j) * rows + r) = vj;
+            }
+            r += 1;
+        }
+    }
 }
 
 /// FMA and F16C, detected once: what the AVX2 kernels of the float and block-quantized heads
@@ -493,36 +550,58 @@ unsafe fn dot_f16_avx2<const T: usize>(hp: *const u8, xs: &[*const f32; T], n: u
     out
 }
 
-/// The AVX-512 f16 dot of one row with T inputs ([`dot_f16_tokens`]), written once and
-/// instantiated with the real intrinsics and, in tests, with the emulated ones
-/// (`crate::emu512`). 32 values per step: two `vcvtph2ps zmm` shared by the T inputs, two
-/// accumulators per input; the tail (fewer than 32 values) in scalar code.
+/// The AVX-512 f16 dots of R rows with T inputs ([`dot_f16_tokens`] is one row), written
+/// once and instantiated with the real intrinsics and, in tests, with the emulated ones
+/// (`crate::emu512`). 32 values per step: two `vcvtph2ps zmm` per row shared by the T inputs,
+/// two input loads per token shared by the R rows, two accumulators per row and input; the
+/// tail (fewer than 32 values) in scalar code. Every (row, input) pair gets the same
+/// operations in the same order whatever R and T are (batch invariance).
 macro_rules! avx512_f16 {
     ($(#[$attr:meta])*) => {
         $(#[$attr])*
-        pub unsafe fn dot_f16<const T: usize>(hp: *const u8, xs: &[*const f32; T], n: usize) -> [f32; T] {
-            let mut acc = [[_mm512_setzero_ps(); 2]; T];
+        pub unsafe fn dot_f16_tile<const R: usize, const T: usize>(
+            hp: &[*const u8; R],
+            xs: &[*const f32; T],
+            n: usize,
+        ) -> [[f32; T]; R] {
+            let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
             let mut i = 0;
             while i + 32 <= n {
-                let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(hp.add(2 * i) as *const __m256i));
-                let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(hp.add(2 * i + 32) as *const __m256i));
+                let mut h = [[_mm512_setzero_ps(); 2]; R];
+                for r in 0..R {
+                    let at = hp[r].add(2 * i);
+                    h[r][0] = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i));
+                    h[r][1] = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32) as *const __m256i));
+                }
                 for j in 0..T {
-                    acc[j][0] = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xs[j].add(i)), acc[j][0]);
-                    acc[j][1] = _mm512_fmadd_ps(h1, _mm512_loadu_ps(xs[j].add(i + 16)), acc[j][1]);
+                    let x0 = _mm512_loadu_ps(xs[j].add(i));
+                    let x1 = _mm512_loadu_ps(xs[j].add(i + 16));
+                    for r in 0..R {
+                        acc[r][j][0] = _mm512_fmadd_ps(h[r][0], x0, acc[r][j][0]);
+                        acc[r][j][1] = _mm512_fmadd_ps(h[r][1], x1, acc[r][j][1]);
+                    }
                 }
                 i += 32;
             }
-            let mut out = [0f32; T];
-            for j in 0..T {
-                let xp = xs[j];
-                let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
-                for k in i..n {
-                    sum += half::f16::from_le_bytes([*hp.add(2 * k), *hp.add(2 * k + 1)]).to_f32()
-                        * *xp.add(k);
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for j in 0..T {
+                    let xp = xs[j];
+                    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][j][0], acc[r][j][1]));
+                    for k in i..n {
+                        let hk = half::f16::from_le_bytes([*hp[r].add(2 * k), *hp[r].add(2 * k + 1)]);
+                        sum += hk.to_f32() * *xp.add(k);
+                    }
+                    out[r][j] = sum;
                 }
-                out[j] = sum;
             }
             out
+        }
+
+        /// One row with T inputs.
+        $(#[$attr])*
+        pub unsafe fn dot_f16<const T: usize>(hp: *const u8, xs: &[*const f32; T], n: usize) -> [f32; T] {
+            dot_f16_tile::<1, T>(&[hp], xs, n)[0]
         }
     };
 }
@@ -783,6 +862,26 @@ mod tests {
                     }
                 }
             }
+            // The register tile (3 rows x 2 inputs here): each (row, input) bit for bit what
+            // one row with one input gives.
+            for r0 in (0..rows.saturating_sub(2)).step_by(3) {
+                let hp: [*const u8; 3] =
+                    std::array::from_fn(|i| bytes[(r0 + i) * cols * 2..].as_ptr());
+                for t0 in (0..n_tok.saturating_sub(1)).step_by(2) {
+                    let xs: [*const f32; 2] =
+                        std::array::from_fn(|j| x[(t0 + j) * cols..].as_ptr());
+                    // SAFETY: emulated kernel, rows of `cols` values, inputs of `cols` values.
+                    let tile = unsafe { avx512_emu::dot_f16_tile::<3, 2>(&hp, &xs, cols) };
+                    for (i, tr) in tile.iter().enumerate() {
+                        for (j, g) in tr.iter().enumerate() {
+                            // SAFETY: as above.
+                            let alone =
+                                unsafe { avx512_emu::dot_f16::<1>(hp[i], &[xs[j]], cols)[0] };
+                            assert_eq!(g.to_bits(), alone.to_bits(), "emulated tile {rows}x{cols}");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -799,6 +898,7 @@ mod tests {
             (67, 100, 5),
             (130, 2560, 4),
             (200, 40, 3),
+            (70, 96, 9), // AVX-512: tiles of 4 rows x 2 tokens, a last row and token alone
         ] {
             let bytes: Vec<u8> = (0..rows * cols)
                 .flat_map(|_| f16::from_f32(rng.f32()).to_le_bytes())
