@@ -401,7 +401,8 @@ const F16_ROW_CHUNK: usize = 64;
 /// row at a time reads 23: four interleaved 5 KB streams are too many for its prefetchers; the
 /// Q8_0 and Q6_K heads found the same.) Several inputs pass over chunks of
 /// [`F16_ROW_CHUNK`] rows two at a time ([`F16_TOKENS`]); on AVX-512 in register tiles of
-/// four rows ([`F16_TILE_ROWS`]), which then come from L2 but for the first pass.
+/// four rows ([`F16_TILE_ROWS`]), four interleaved streams only on the chunk's first pass (the
+/// later passes read it from L2).
 pub fn matmul_f16(
     isa: Isa,
     data: &[u8],
