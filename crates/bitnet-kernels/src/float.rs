@@ -386,7 +386,7 @@ unsafe fn dot_f16_tokens<const T: usize>(
 
 /// Inputs per kernel call of the f16 head with several tokens (batched decoding, perplexity):
 /// each row is converted from f16 once for this many inputs, whose f32 values (2 x 10 KB for
-/// 2B4T) stay in L1 with the row.
+/// 2B4T) stay in L1 with the row. On AVX-512 the call takes [`F16_TILE_ROWS`] rows.
 const F16_TOKENS: usize = 2;
 
 /// Rows per chunk of the f16 head with several tokens: the chunk (320 KB for 2B4T) comes from
@@ -422,18 +422,18 @@ pub fn matmul_f16(
             let chunk = r0..(r0 + F16_ROW_CHUNK).min(range.end);
             let mut t = 0;
             while t < n_tok {
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx512Vnni && t + F16_TILE_TOKENS <= n_tok {
-                    // SAFETY: as below; the CPU has AVX-512 F (Isa::Avx512Vnni).
-                    unsafe { f16_tile_rows(data, rows, cols, chunk.clone(), &xp, t, p) };
-                    t += F16_TILE_TOKENS;
-                    continue;
-                }
                 let nt = if t + F16_TOKENS <= n_tok {
                     F16_TOKENS
                 } else {
                     1
                 };
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Vnni && nt == F16_TOKENS {
+                    // SAFETY: as below; the CPU has AVX-512 F (Isa::Avx512Vnni).
+                    unsafe { f16_tile_rows(data, rows, cols, chunk.clone(), &xp, t, p) };
+                    t += nt;
+                    continue;
+                }
                 for r in chunk.clone() {
                     let row = data[r * cols * 2..(r + 1) * cols * 2].as_ptr();
                     // SAFETY: rows of `cols` f16 values and inputs of `cols` f32 (checked
@@ -457,16 +457,15 @@ pub fn matmul_f16(
     });
 }
 
-/// The AVX-512 register tile of the f16 head with several tokens: [`F16_TILE_ROWS`] rows x
-/// this many inputs. 16 accumulators, 8 converted row and 2 input registers fit the 32 zmm
-/// registers; each loaded input value serves four rows, each converted row value two inputs,
-/// and two inputs (20 KB for 2B4T) stay in L1. `kbench head`, eight tokens, Zen 4: 137-147 ms
-/// with one row at a time, 100 ms so (one thread); 62-72 → 51 ms (two). Four inputs x two rows
-/// measured 125-132 ms (four inputs no longer fit L1).
-const F16_TILE_TOKENS: usize = 2;
+/// Rows of the AVX-512 register tile of the f16 head with several tokens (this many rows x
+/// [`F16_TOKENS`] inputs). 16 accumulators, 8 converted row and 2 input registers fit the 32
+/// zmm registers; each loaded input value serves four rows, each converted row value two
+/// inputs, and two inputs (20 KB for 2B4T) stay in L1. `kbench head`, eight tokens, Zen 4:
+/// 137-147 ms with one row at a time, 100 ms so (one thread); 62-72 → 51 ms (two). Four
+/// inputs x two rows measured 125-132 ms (four inputs no longer fit L1).
 const F16_TILE_ROWS: usize = 4;
 
-/// Tokens `t..t + F16_TILE_TOKENS` against the rows of `chunk`, in AVX-512 tiles of
+/// Tokens `t..t + F16_TOKENS` against the rows of `chunk`, in AVX-512 tiles of
 /// [`F16_TILE_ROWS`] rows (a last odd row alone), results into `out` (`t * rows + r`).
 ///
 /// # Safety
@@ -482,7 +481,7 @@ unsafe fn f16_tile_rows(
     t: usize,
     out: *mut f32,
 ) {
-    const T: usize = F16_TILE_TOKENS;
+    const T: usize = F16_TOKENS;
     let xs: [*const f32; T] = std::array::from_fn(|j| xp(t + j));
     let row = |r: usize| data[r * cols * 2..(r + 1) * cols * 2].as_ptr();
     let mut r = chunk.start;

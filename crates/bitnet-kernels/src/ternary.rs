@@ -348,19 +348,12 @@ pub fn gemm_rows(
                     // Decode: one row at a time, so the weights are one sequential stream (two
                     // interleaved 640-byte rows defeat the hardware prefetcher: half the speed
                     // when streaming from memory).
-                    let nb = w.kp / BLOCK;
-                    for r in rows {
-                        let row = [w.row(r).as_ptr()];
-                        for t in 0..n_tok {
-                            let tok = [q.as_ptr().add(t * w.kp)];
-                            let s = if tq2 {
-                                avx2::gemv::<1, true>(&row, &tok, nb)
-                            } else {
-                                avx2::gemv::<1, false>(&row, &tok, nb)
-                            };
-                            out[t * w.rows + r] = s[0][0] - qsum[t];
-                        }
-                    }
+                    let gemv: Gemv = if tq2 {
+                        avx2::gemv_row::<true>
+                    } else {
+                        avx2::gemv_row::<false>
+                    };
+                    drive_gemv(gemv, w, q, qsum, n_tok, rows, out)
                 } else if tq2 {
                     avx2::gemm_blocked::<{ avx2::TQ2 }>(w, q, qsum, n_tok, rows, out)
                 } else {
@@ -412,7 +405,8 @@ pub(crate) fn gemm_rows_scalar(
 /// A kernel computing `sum c*q` for one row and one token over `nb` blocks.
 type Gemv = unsafe fn(*const u8, *const i8, usize) -> i32;
 
-/// The loop around a one-row, one-token kernel (decoding): each row once, against every token.
+/// The loop around a one-row, one-token kernel (decoding, AVX2 and AVX-512): each row once,
+/// against every token.
 ///
 /// # Safety
 /// The kernel must be runnable on this CPU; `w`, `q`, `out` sizes as checked by `gemm_rows`.
@@ -718,6 +712,12 @@ pub(crate) mod avx2 {
     /// vectors go to their own i16 accumulator (at most 2 * 2 * 8 * 128 = 4096 per block, so 8
     /// blocks reach exactly i16::MIN at worst), and the total is `acc4 / 4 + acc1` (exact: every
     /// term of acc4 is a multiple of 4).
+    /// [`gemv`] for one row, in the shape `drive_gemv` takes ([`super::Gemv`]).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gemv_row<const TQ2: bool>(w: *const u8, q: *const i8, nb: usize) -> i32 {
+        gemv::<1, TQ2>(&[w], &[q], nb)[0][0]
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemv<const R: usize, const TQ2: bool>(
         w: &[*const u8; R],
