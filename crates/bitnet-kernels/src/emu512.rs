@@ -100,6 +100,61 @@ pub unsafe fn _mm512_add_epi32(a: __m512i, b: __m512i) -> __m512i {
     r
 }
 
+/// Per 128-bit lane: the low (`HI` false) or high two 32-bit elements of a and b, interleaved.
+fn unpack_epi32<const HI: bool>(a: __m512i, b: __m512i) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    for l in 0..4 {
+        for k in 0..2 {
+            let src = 4 * l + k + if HI { 2 } else { 0 };
+            r.set_i32(4 * l + 2 * k, a.i32(src));
+            r.set_i32(4 * l + 2 * k + 1, b.i32(src));
+        }
+    }
+    r
+}
+
+pub unsafe fn _mm512_unpacklo_epi32(a: __m512i, b: __m512i) -> __m512i {
+    unpack_epi32::<false>(a, b)
+}
+
+pub unsafe fn _mm512_unpackhi_epi32(a: __m512i, b: __m512i) -> __m512i {
+    unpack_epi32::<true>(a, b)
+}
+
+/// Per 128-bit lane: the low (`HI` false) or high 64-bit element of a, then that of b.
+fn unpack_epi64<const HI: bool>(a: __m512i, b: __m512i) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    for l in 0..4 {
+        let at = 16 * l + if HI { 8 } else { 0 };
+        r.0[16 * l..16 * l + 8].copy_from_slice(&a.0[at..at + 8]);
+        r.0[16 * l + 8..16 * l + 16].copy_from_slice(&b.0[at..at + 8]);
+    }
+    r
+}
+
+pub unsafe fn _mm512_unpacklo_epi64(a: __m512i, b: __m512i) -> __m512i {
+    unpack_epi64::<false>(a, b)
+}
+
+pub unsafe fn _mm512_unpackhi_epi64(a: __m512i, b: __m512i) -> __m512i {
+    unpack_epi64::<true>(a, b)
+}
+
+/// 128-bit lanes: the low two picked from a, the high two from b, by 2-bit fields of MASK.
+pub unsafe fn _mm512_shuffle_i32x4<const MASK: i32>(a: __m512i, b: __m512i) -> __m512i {
+    let mut r = __m512i([0; 64]);
+    for l in 0..4 {
+        let src = (MASK as usize >> (2 * l)) & 3;
+        let from = if l < 2 { &a } else { &b };
+        r.0[16 * l..16 * l + 16].copy_from_slice(&from.0[16 * src..16 * src + 16]);
+    }
+    r
+}
+
+pub unsafe fn _mm512_storeu_si512<T>(p: *mut T, a: __m512i) {
+    std::ptr::write_unaligned(p as *mut [u8; 64], a.0)
+}
+
 pub unsafe fn _mm512_reduce_add_epi32(a: __m512i) -> i32 {
     (0..16).fold(0i32, |s, i| s.wrapping_add(a.i32(i)))
 }

@@ -835,6 +835,15 @@ macro_rules! avx512_tile {
                     }
                 }
             }
+            if R * T == 16 {
+                // Sixteen sums at once: a transposing tree of 15 adds (about 45 instructions)
+                // instead of sixteen separate reductions (about 150), which cost the 4x4 tile
+                // of a 2560-wide row (20 blocks, 640 `vpdpbusd`) a tenth of its time.
+                let mut flat = [0i32; 16];
+                let sums = reduce16(&std::array::from_fn(|k| acc[k / T][k % T]));
+                _mm512_storeu_si512(flat.as_mut_ptr() as *mut __m512i, sums);
+                return std::array::from_fn(|i| std::array::from_fn(|j| flat[i * T + j]));
+            }
             let mut out = [[0i32; T]; R];
             for i in 0..R {
                 for j in 0..T {
@@ -842,6 +851,31 @@ macro_rules! avx512_tile {
                 }
             }
             out
+        }
+
+        /// Lane k of the result is the sum of the sixteen lanes of `v[k]`.
+        $(#[$attr])*
+        unsafe fn reduce16(v: &[__m512i; 16]) -> __m512i {
+            // Pairs: within each 128-bit lane, v[2m]'s partial sums in elements 0 and 2, v[2m+1]'s
+            // in 1 and 3.
+            let p: [__m512i; 8] = std::array::from_fn(|m| {
+                let (a, b) = (v[2 * m], v[2 * m + 1]);
+                _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+            });
+            // Quads: each 128-bit lane holds one partial sum of v[4m..4m+4] in order.
+            let q: [__m512i; 4] = std::array::from_fn(|m| {
+                let (a, b) = (p[2 * m], p[2 * m + 1]);
+                _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+            });
+            // Fold the four 128-bit lanes twice: lanes (0, 2) + (1, 3) of two quads.
+            let fold = |a: __m512i, b: __m512i| {
+                _mm512_add_epi32(
+                    _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+                )
+            };
+            // Lanes of fold(q0, q1): v[0..4] half-sums, v[0..4] other half, v[4..8], v[4..8].
+            fold(fold(q[0], q[1]), fold(q[2], q[3]))
         }
 
         /// `sum c*q` for one row and one token (decoding): the tile's unpacking, two blocks
