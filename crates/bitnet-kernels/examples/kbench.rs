@@ -5,7 +5,7 @@
 //!   previous AVX2 kernel (copied below as the baseline), every ISA this CPU runs, and the
 //!   AVX2 kernel with activations 16 bytes past a cache line (the engine aligns them);
 //! - `peak`: the core's AVX2 int8 ceiling (hand-scheduled `vpmaddubsw` + `vpaddw`), the
-//!   compute bound of the ternary GEMM on AVX2;
+//!   compute bound of the ternary GEMM on AVX2, and the AVX-512 VNNI one (`vpdpbusd`);
 //! - the output head (128256 x 2560): F16 one row per call on rayon (the first version) and on
 //!   the pool, `matmul_f16` for every ISA (one row at a time since four rows side by side
 //!   were slower on Zen 4), and the Q8_0 requantized head;
@@ -300,6 +300,51 @@ fn maddubs_peak() -> Option<f64> {
     None
 }
 
+/// The AVX-512 VNNI ceiling of this core: `vpdpbusd` on 512-bit registers, eight independent
+/// accumulators, no loads (the tile's activation loads are shared by its four rows). The
+/// compute bound of the AVX-512 ternary GEMM (64 multiply-adds per instruction).
+#[cfg(target_arch = "x86_64")]
+fn vnni_peak() -> Option<f64> {
+    use std::arch::asm;
+    if !bitnet_kernels::Isa::Avx512Vnni.is_available() {
+        return None;
+    }
+    let iters: u64 = 4_000_000;
+    let run = || {
+        // SAFETY: AVX-512 F/VNNI are present; no memory is touched; every register written is
+        // declared clobbered.
+        unsafe {
+            asm!(
+                "vpternlogd zmm8, zmm8, zmm8, 0xff",
+                "vpabsb zmm9, zmm8",
+                "2:",
+                "vpdpbusd zmm0, zmm8, zmm9",
+                "vpdpbusd zmm1, zmm8, zmm9",
+                "vpdpbusd zmm2, zmm8, zmm9",
+                "vpdpbusd zmm3, zmm8, zmm9",
+                "vpdpbusd zmm4, zmm8, zmm9",
+                "vpdpbusd zmm5, zmm8, zmm9",
+                "vpdpbusd zmm6, zmm8, zmm9",
+                "vpdpbusd zmm7, zmm8, zmm9",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                out("zmm8") _, out("zmm9") _,
+                options(nostack, nomem),
+            );
+        }
+    };
+    let t = time(run, 0.3);
+    Some(iters as f64 * 8.0 * 64.0 / t)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_peak() -> Option<f64> {
+    None
+}
+
 /// Random int8 activations, cache-line aligned as the engine's are.
 fn random_acts(rng: &mut Lcg, n: usize) -> AlignedI8 {
     let mut q = AlignedI8::default();
@@ -329,6 +374,12 @@ fn main() {
         if let Some(p) = maddubs_peak() {
             println!(
                 "t=1 AVX2 int8 ceiling (vpmaddubsw + vpaddw, from L1): {:.1} Gmac/s",
+                p / 1e9
+            );
+        }
+        if let Some(p) = vnni_peak() {
+            println!(
+                "t=1 AVX-512 VNNI int8 ceiling (vpdpbusd zmm, registers): {:.1} Gmac/s",
                 p / 1e9
             );
         }
