@@ -291,7 +291,7 @@ macro_rules! attn_rows_avx2 {
                                 let ahead = value(j + KEY_BLOCK).add(c);
                                 _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                             }
-                            let row = v.add(j * a.stride + c);
+                            let row = value(j).add(c);
                             let (v0, v1) = (load8(row), load8(row.add(8)));
                             for (r, acc) in acc.iter_mut().enumerate() {
                                 let w = _mm256_broadcast_ss(&*p[r].add(j));
@@ -301,7 +301,7 @@ macro_rules! attn_rows_avx2 {
                         }
                         for (r, acc) in acc.iter_mut().enumerate() {
                             for j in j0.max(shared)..j1.min(n[r]) {
-                                let row = v.add(j * a.stride + c);
+                                let row = value(j).add(c);
                                 let w = _mm256_broadcast_ss(&*p[r].add(j));
                                 acc[0] = _mm256_fmadd_ps(w, load8(row), acc[0]);
                                 acc[1] = _mm256_fmadd_ps(w, load8(row.add(8)), acc[1]);

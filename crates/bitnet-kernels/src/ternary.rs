@@ -706,18 +706,18 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// One token, R rows: fewer operations per block than `row_tokens`. With `s = w >> 4`, the
-    /// masks `0x0C` and `0x03` give all four code vectors from one shift: `s & 0x0C` = 4 * c0,
-    /// `s & 0x03` = c1, `w & 0x0C` = 4 * c2, `w & 0x03` = c3. Products of the two scaled
-    /// vectors go to their own i16 accumulator (at most 2 * 2 * 8 * 128 = 4096 per block, so 8
-    /// blocks reach exactly i16::MIN at worst), and the total is `acc4 / 4 + acc1` (exact: every
-    /// term of acc4 is a multiple of 4).
     /// [`gemv`] for one row, in the shape `drive_gemv` takes ([`super::Gemv`]).
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemv_row<const TQ2: bool>(w: *const u8, q: *const i8, nb: usize) -> i32 {
         gemv::<1, TQ2>(&[w], &[q], nb)[0][0]
     }
 
+    /// One token, R rows: fewer operations per block than `row_tokens`. With `s = w >> 4`, the
+    /// masks `0x0C` and `0x03` give all four code vectors from one shift: `s & 0x0C` = 4 * c0,
+    /// `s & 0x03` = c1, `w & 0x0C` = 4 * c2, `w & 0x03` = c3. Products of the two scaled
+    /// vectors go to their own i16 accumulator (at most 2 * 2 * 8 * 128 = 4096 per block, so 8
+    /// blocks reach exactly i16::MIN at worst), and the total is `acc4 / 4 + acc1` (exact: every
+    /// term of acc4 is a multiple of 4).
     #[target_feature(enable = "avx2")]
     pub unsafe fn gemv<const R: usize, const TQ2: bool>(
         w: &[*const u8; R],
